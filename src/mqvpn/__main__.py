@@ -1,0 +1,3 @@
+from mqvpn.cli import main
+
+raise SystemExit(main())
