@@ -1,0 +1,18 @@
+"""Congestion control: the controller interface and registry, NewReno, CUBIC, and the pacer."""
+
+from .base import CongestionController, available, create, initial_window, minimum_window, register
+from .cubic import Cubic
+from .newreno import NewReno
+from .pacer import Pacer
+
+__all__ = [
+    "CongestionController",
+    "Cubic",
+    "NewReno",
+    "Pacer",
+    "available",
+    "create",
+    "initial_window",
+    "minimum_window",
+    "register",
+]

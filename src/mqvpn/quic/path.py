@@ -1,0 +1,102 @@
+"""Per-path state (multipath-first: everything that differs between paths lives here)."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from mqvpn.quic.rangeset import RangeSet
+from mqvpn.quic.recovery import Recovery, SentSpace
+
+# RFC 9000 §13.2.1: ack every second ack-eliciting packet.
+ACK_ELICITING_THRESHOLD = 2
+MAX_ACK_RANGES = 32
+
+
+class PathState(IntEnum):
+    VALIDATING = 0
+    ACTIVE = 1
+    STANDBY = 2
+    ABANDONED = 3
+
+
+class CidRecord:
+    """A connection ID issued by us (host) or by the peer, with its sequence number and reset token."""
+
+    __slots__ = ("cid", "seq", "reset_token", "path_id", "retired", "in_use")
+
+    def __init__(self, cid: bytes, seq: int, reset_token: bytes | None, path_id: int = 0) -> None:
+        self.cid = cid
+        self.seq = seq
+        self.reset_token = reset_token
+        self.path_id = path_id
+        self.retired = False
+        self.in_use = False
+
+
+class PacketSpace:
+    """One packet number space: what we received (for ACKs) and what we sent (for recovery)."""
+
+    __slots__ = (
+        "name", "epoch", "ack_queue", "largest_received", "largest_received_time", "ack_eliciting_pending",
+        "ack_at", "ack_now", "next_pn", "sent", "discarded", "probes",
+    )
+
+    def __init__(self, name: str, epoch: int) -> None:
+        self.name = name
+        self.epoch = epoch
+        self.ack_queue = RangeSet()
+        self.largest_received = -1
+        self.largest_received_time = 0.0
+        self.ack_eliciting_pending = 0  # ack-eliciting packets received since our last ACK
+        self.ack_at: float | None = None  # deadline of a delayed ACK
+        self.ack_now = False  # an ACK must go out with the next packet
+        self.next_pn = 0
+        self.sent = SentSpace(name)
+        self.discarded = False
+        self.probes = 0  # PTO probe packets still to send in this space
+
+    def on_ack_of_ack(self, delivered: bool, largest: int) -> None:
+        """The peer got an ACK of ours covering up to ``largest``: stop repeating those ranges (RFC 9000 §13.2.4)."""
+        if delivered and self.ack_queue:
+            self.ack_queue.trim_below(largest + 1 - 0)  # keep `largest` itself out: peer knows it
+            # keep at least the largest received so later ACKs still carry a valid Largest Acknowledged
+            if not self.ack_queue and self.largest_received >= 0:
+                self.ack_queue.add(self.largest_received)
+
+
+class Path:
+    """One network path: a 4-tuple, a packet number space, its own recovery, congestion control and PMTU."""
+
+    __slots__ = (
+        "path_id", "local_addr", "remote_addr", "state", "validated", "bytes_received", "bytes_sent",
+        "space", "recovery", "peer_cid", "mtu", "challenge", "challenge_sent_at", "challenge_tries",
+        "responses", "pmtud_probe", "pmtud_low", "pmtud_high", "pmtud_fails", "pmtud_next_at",
+        "key_phase_start_pn", "packets_sent", "packets_received", "datagrams_sent", "datagrams_received",
+    )
+
+    def __init__(self, path_id: int, local_addr, remote_addr, recovery: Recovery, mtu: int) -> None:
+        self.path_id = path_id
+        self.local_addr = local_addr
+        self.remote_addr = remote_addr
+        self.state = PathState.ACTIVE
+        self.validated = False
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.space = PacketSpace(f"app{path_id}", 3)
+        self.recovery = recovery
+        self.peer_cid: CidRecord | None = None
+        self.mtu = mtu  # largest UDP payload known to work on this path
+        self.challenge: bytes | None = None  # outstanding PATH_CHALLENGE data
+        self.challenge_sent_at: float | None = None
+        self.challenge_tries = 0
+        self.responses: list[bytes] = []  # PATH_RESPONSE payloads to send
+        self.pmtud_probe = 0  # size of the probe in flight (0: none)
+        self.pmtud_low = mtu
+        self.pmtud_high = mtu
+        self.pmtud_fails = 0
+        self.pmtud_next_at: float | None = None
+        self.key_phase_start_pn = 0
+        self.packets_sent = 0
+        self.packets_received = 0
+        self.datagrams_sent = 0
+        self.datagrams_received = 0

@@ -1,0 +1,93 @@
+"""An in-memory client/server pair of our QuicConnection, pumped with a fake clock (no sockets)."""
+
+from __future__ import annotations
+
+import random
+
+from mqvpn.quic.config import QuicConfiguration
+from mqvpn.quic.connection import QuicConnection
+from mqvpn.quic.packet import parse_header
+
+CLIENT_ADDR = ("10.0.0.1", 4433)
+SERVER_ADDR = ("10.0.0.2", 443)
+
+
+def make_configs(pki, **kw):
+    client = QuicConfiguration(is_client=True, alpn_protocols=["test"], server_name="localhost", cafile=pki.ca, **kw)
+    server = QuicConfiguration(is_client=False, alpn_protocols=["test"], **kw)
+    server.load_cert_chain(pki.cert, pki.key)
+    return client, server
+
+
+class Pair:
+    def __init__(self, pki, *, loss: float = 0.0, seed: int = 1, rtt: float = 0.02, client_kw=None, **kw):
+        self.client_cfg, self.server_cfg = make_configs(pki, **kw)
+        for k, v in (client_kw or {}).items():
+            setattr(self.client_cfg, k, v)
+        self.client = QuicConnection(self.client_cfg)
+        self.server: QuicConnection | None = None
+        self.now = 1000.0
+        self.rtt = rtt
+        self.loss = loss
+        self.rng = random.Random(seed)
+        self.in_flight: list[tuple[float, str, bytes]] = []  # (arrival, to, data)
+        self.client_events: list = []
+        self.server_events: list = []
+        self.delivered = 0
+        self.dropped = 0
+
+    def connect(self) -> None:
+        self.client.connect(SERVER_ADDR, self.now)
+
+    def _flush(self) -> None:
+        for conn, to in ((self.client, "server"), (self.server, "client")):
+            if conn is None:
+                continue
+            for data, addr, _local in conn.datagrams_to_send(self.now):
+                if self.loss and self.rng.random() < self.loss:
+                    self.dropped += 1
+                    continue
+                self.in_flight.append((self.now + self.rtt / 2, to, data))
+        for conn, events in ((self.client, self.client_events), (self.server, self.server_events)):
+            if conn is None:
+                continue
+            while (e := conn.next_event()) is not None:
+                events.append(e)
+
+    def step(self) -> bool:
+        """Advance to the next arrival or timer; returns False when nothing is left to do."""
+        self._flush()
+        candidates = [t for t, _, _ in self.in_flight]
+        for conn in (self.client, self.server):
+            if conn is not None and (t := conn.get_timer()) is not None:
+                candidates.append(t)
+        if not candidates:
+            return False
+        self.now = max(self.now, min(candidates))
+        arrived = [p for p in self.in_flight if p[0] <= self.now]
+        self.in_flight = [p for p in self.in_flight if p[0] > self.now]
+        for _, to, data in arrived:
+            self.delivered += 1
+            if to == "server":
+                if self.server is None:
+                    header = parse_header(data, 0, 8)
+                    self.server = QuicConnection(self.server_cfg, original_destination_connection_id=header.dcid,
+                                                 peer_initial_cid=header.scid)
+                self.server.receive_datagram(data, CLIENT_ADDR, self.now, SERVER_ADDR)
+            else:
+                self.client.receive_datagram(data, SERVER_ADDR, self.now, CLIENT_ADDR)
+        for conn in (self.client, self.server):
+            if conn is not None and (t := conn.get_timer()) is not None and t <= self.now:
+                conn.handle_timer(self.now)
+        self._flush()
+        return True
+
+    def run(self, until=None, max_steps: int = 100000, max_time: float = 60.0) -> None:
+        start = self.now
+        for _ in range(max_steps):
+            if until is not None and until():
+                return
+            if self.now - start > max_time:
+                return
+            if not self.step():
+                return

@@ -1,0 +1,134 @@
+import hashlib
+import os
+
+import pytest
+
+from mqvpn.quic import events as ev
+from mqvpn.quic.connection import ConnectionState
+
+from tests.interop.pki import make_test_pki
+from tests.quic.pair import Pair
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_test_pki(tmp_path_factory.mktemp("pki"))
+
+
+def handshake(pair):
+    pair.connect()
+    pair.run(until=lambda: any(isinstance(e, ev.HandshakeCompleted) for e in pair.client_events)
+             and pair.server is not None
+             and any(isinstance(e, ev.HandshakeCompleted) for e in pair.server_events))
+    assert any(isinstance(e, ev.HandshakeCompleted) for e in pair.client_events), pair.client_events
+    assert any(isinstance(e, ev.HandshakeCompleted) for e in pair.server_events), pair.server_events
+
+
+def test_handshake(pki):
+    pair = Pair(pki)
+    handshake(pair)
+    assert pair.client.alpn_protocol == "test" == pair.server.alpn_protocol
+    pair.run(until=lambda: pair.client._handshake_confirmed, max_time=1)
+    assert pair.client._handshake_confirmed and pair.server._handshake_confirmed
+
+
+def _stream_roundtrip(pair, size, timeout=120.0):
+    handshake(pair)
+    payload = os.urandom(size)
+    sid = pair.client.get_next_available_stream_id()
+    pair.client.send_stream_data(sid, payload, end_stream=True)
+    received = bytearray()
+    done = []
+
+    def check():
+        while pair.server_events:
+            e = pair.server_events.pop(0)
+            if isinstance(e, ev.StreamDataReceived):
+                received.extend(e.data)
+                if e.end_stream:
+                    done.append(True)
+        return bool(done)
+
+    pair.run(until=check, max_time=timeout)
+    assert done, (len(received), size)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+
+
+def test_stream_1mb(pki):
+    _stream_roundtrip(Pair(pki), 1 << 20)
+
+
+@pytest.mark.parametrize("loss", [0.01, 0.05, 0.2])
+def test_stream_with_loss(pki, loss):
+    _stream_roundtrip(Pair(pki, loss=loss, seed=7), 300_000)
+
+
+def test_datagrams(pki):
+    pair = Pair(pki)
+    handshake(pair)
+    got = []
+    pair.server.datagram_handler = got.append
+    room = pair.client.datagram_room
+    assert 1000 < room < 1200
+    for i in range(500):
+        assert pair.client.send_datagram_frame(i.to_bytes(4, "big") * 10)
+        if i % 10 == 0:
+            pair.step()
+    pair.run(until=lambda: len(got) == 500, max_time=5)
+    assert sorted(int.from_bytes(d[:4], "big") for d in got) == list(range(500))
+    assert not pair.client.send_datagram_frame(b"x" * (pair.client.datagram_room + 1))
+    assert pair.client.datagrams_dropped == 1
+
+
+def test_key_update_both_ways(pki):
+    pair = Pair(pki)
+    handshake(pair)
+    pair.run(until=lambda: pair.client._handshake_confirmed, max_time=1)
+    got = []
+    pair.server.datagram_handler = got.append
+    pair.client.request_key_update()
+    for i in range(20):
+        pair.client.send_datagram_frame(b"a" * 100)
+        pair.step()
+    pair.run(until=lambda: len(got) == 20, max_time=5)
+    assert pair.client.key_updates == 1 and pair.server.key_updates == 1
+    pair.server.request_key_update()
+    for i in range(20):
+        pair.client.send_datagram_frame(b"b" * 100)
+        pair.server.send_datagram_frame(b"c" * 100)
+        pair.step()
+    pair.run(until=lambda: len(got) == 40, max_time=5)
+    assert len(got) == 40
+    assert pair.client.key_updates == 2 and pair.server.key_updates == 2
+
+
+def test_close_and_idle(pki):
+    pair = Pair(pki)
+    handshake(pair)
+    pair.client.close(7, "bye")
+    pair.run(until=lambda: any(isinstance(e, ev.ConnectionTerminated) for e in pair.server_events), max_time=2)
+    term = [e for e in pair.server_events if isinstance(e, ev.ConnectionTerminated)]
+    assert term and term[0].error_code == 7 and term[0].reason_phrase == "bye" and term[0].by_peer
+    pair.run(max_time=10)
+    assert pair.client.state == ConnectionState.TERMINATED
+    assert pair.server.state == ConnectionState.TERMINATED
+
+
+def test_idle_timeout(pki):
+    pair = Pair(pki, idle_timeout=2.0)
+    handshake(pair)
+    start = pair.now
+    pair.run(max_time=30)
+    assert pair.client.state == ConnectionState.TERMINATED
+    assert 1.9 < pair.now - start < 4
+    assert any(isinstance(e, ev.ConnectionTerminated) and e.reason_phrase == "idle timeout"
+               for e in pair.client_events)
+
+
+def test_pmtud_raises_datagram_room(pki):
+    pair = Pair(pki)
+    handshake(pair)
+    before = pair.client.datagram_room
+    pair.run(until=lambda: pair.client._paths[0].mtu == 1452 and pair.server._paths[0].mtu == 1452, max_time=5)
+    assert pair.client._paths[0].mtu == 1452
+    assert pair.client.datagram_room == before + 252
