@@ -1777,6 +1777,7 @@ class QuicConnection:
         self._setup_initial_keys(header.scid)
         rec = self._path0.recovery
         rec.reschedule(self._initial_space.sent)  # resend the ClientHello with the token
+        rec.discard_space(self._initial_space.sent)  # RFC 9002 §6.3: a Retry resets loss recovery state
 
     # ------------------------------------------------------------------------------------------------------------
     # connection IDs and paths
