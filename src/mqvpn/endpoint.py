@@ -20,6 +20,7 @@ QuicEndpoint.connect(...)`` returns a ``ConnectionHandle`` once the handshake co
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -298,6 +299,10 @@ class QuicEndpoint:
         ``wait_connected`` is False, wait for the handshake (QuicConnectionError if it fails). The endpoint closes
         itself when the connection is gone."""
         loop = asyncio.get_running_loop()
+        if getattr(configuration, "server_name", "") is None:
+            # verify the certificate against the host we dial; a hostname also goes out as SNI (some servers refuse
+            # a ClientHello without it), an IP literal does not (RFC 6066) and is checked against the IP SANs
+            configuration = dataclasses.replace(configuration, server_name=remote_addr[0].strip("[]"))
         remote = await _resolve(loop, remote_addr, local_addr)
         family = socket.AF_INET6 if len(remote) == 4 else socket.AF_INET
         if local_addr is None:
@@ -738,3 +743,4 @@ async def _resolve(loop: asyncio.AbstractEventLoop, remote_addr: tuple, local_ad
 
 def _current_exception() -> BaseException | None:
     return sys.exc_info()[1]
+

@@ -114,6 +114,9 @@ class QuicConnection:
         cfg = configuration
         self.configuration = cfg
         self.is_client = cfg.is_client
+        if self.is_client and cfg.verify_peer and not cfg.server_name:
+            raise ValueError("certificate verification needs server_name (the name or address the certificate "
+                             "must carry); set verify_peer=False only to skip verification on purpose")
         if not self.is_client and original_destination_connection_id is None:
             raise ValueError("a server connection needs the client's original destination connection ID")
         self.state = ConnectionState.FIRSTFLIGHT
@@ -141,8 +144,8 @@ class QuicConnection:
         else:
             self._original_dcid = original_destination_connection_id
             peer = CidRecord(peer_initial_cid or b"", 0, None)
-            # Initial packets may still arrive addressed to the client's chosen DCID
-            self._cid_to_path[original_destination_connection_id] = 0
+            # Initial packets may still arrive addressed to the client's chosen DCID (after a Retry: the Retry's SCID)
+            self._cid_to_path[retry_source_connection_id or original_destination_connection_id] = 0
         self._retry_scid = retry_source_connection_id
         self._retry_token = b""
         self._peer_initial_scid: bytes | None = None
@@ -167,7 +170,9 @@ class QuicConnection:
         self._send_hp: list[HeaderProtection | None] = [None] * 4
         self._recv_key: list[PacketKey | None] = [None] * 4
         self._recv_hp: list[HeaderProtection | None] = [None] * 4
-        self._setup_initial_keys(self._original_dcid)
+        # RFC 9001 §5.2: Initial keys come from the client's DCID, which after a Retry is the Retry's SCID
+        self._setup_initial_keys(self._original_dcid if self.is_client else
+                                 (retry_source_connection_id or self._original_dcid))
         # 1-RTT key update state
         self._key_phase = 0  # our send phase
         self._recv_key_phase = 0
@@ -247,7 +252,7 @@ class QuicConnection:
     def host_cids(self) -> list[bytes]:
         cids = [r.cid for r in self._host_cids.values() if not r.retired]
         if not self.is_client and not self._handshake_confirmed:
-            cids.append(self._original_dcid)
+            cids.append(self._retry_scid or self._original_dcid)
         return cids
 
     @property
@@ -399,10 +404,10 @@ class QuicConnection:
         packet = data[offset:header.packet_end] if offset or header.packet_end != size else data
         try:
             plain_header, truncated, pn_len = unprotect_header(hp, packet, header.pn_offset - offset)
-            if plain_header[0] & 0x0C:
-                raise QuicProtocolError(QuicErrorCode.PROTOCOL_VIOLATION, "reserved bits set")
             pn = decode_packet_number(truncated, pn_len * 8, space.largest_received + 1)
             payload = open_payload(key, plain_header, packet, len(packet), pn)
+            if plain_header[0] & 0x0C:  # checked only once the packet is authentic (RFC 9000 §17.2)
+                raise QuicProtocolError(QuicErrorCode.PROTOCOL_VIOLATION, "reserved bits set")
         except CryptoError:
             self.decrypt_failures += 1
             return header.packet_end
@@ -446,8 +451,6 @@ class QuicConnection:
         try:
             plain_header, truncated, pn_len = unprotect_header(hp, data, 1 + self._cid_len)
             first = plain_header[0]
-            if first & 0x18:
-                raise QuicProtocolError(QuicErrorCode.PROTOCOL_VIOLATION, "reserved bits set")
             pn = decode_packet_number(truncated, pn_len * 8, space.largest_received + 1)
             phase = (first >> 2) & 1
             key = self._recv_key[ONE_RTT]
@@ -457,6 +460,8 @@ class QuicConnection:
                 payload = open_payload(self._recv_key_prev, plain_header, data, len(data), pn, path_id)
             else:
                 payload = self._receive_key_update(plain_header, data, pn, path, now)
+            if first & 0x18:  # checked only once the packet is authentic (RFC 9000 §17.3.1)
+                raise QuicProtocolError(QuicErrorCode.PROTOCOL_VIOLATION, "reserved bits set")
         except CryptoError:
             self.decrypt_failures += 1
             if self._is_stateless_reset(data):
