@@ -132,3 +132,28 @@ def test_pmtud_raises_datagram_room(pki):
     pair.run(until=lambda: pair.client._paths[0].mtu == 1452 and pair.server._paths[0].mtu == 1452, max_time=5)
     assert pair.client._paths[0].mtu == 1452
     assert pair.client.datagram_room == before + 252
+
+
+def test_qlog_json_seq(pki, tmp_path):
+    import io
+
+    from mqvpn.quic.qlog import QlogTrace, read_qlog
+
+    stream = io.StringIO()
+    pair = Pair(pki)
+    pair.client_cfg.qlog = QlogTrace(stream, vantage_point="client")
+    from mqvpn.quic.connection import QuicConnection
+    pair.client = QuicConnection(pair.client_cfg)
+    handshake(pair)
+    pair.client.send_datagram_frame(b"x" * 100)
+    pair.run(max_time=0.5)
+    pair.client.close(0, "done")
+    pair.run(max_time=2)
+    text = stream.getvalue()
+    assert text.startswith("\x1e{")
+    records = read_qlog(text)
+    assert records[0]["qlog_format"] == "JSON-SEQ"
+    names = {r.get("name") for r in records[1:]}
+    assert {"quic:connection_started", "quic:packet_sent", "quic:packet_received", "quic:parameters_set",
+            "recovery:metrics_updated", "quic:connection_closed"} <= names
+    assert all("time" in r for r in records[1:])

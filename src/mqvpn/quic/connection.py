@@ -280,6 +280,11 @@ class QuicConnection:
         path.validated = True  # we trust the address we chose
         self._now = now
         self._idle_at = now + self._idle_timeout
+        if self._qlog is not None:
+            self._qlog.set_start_time(now)
+            self._qlog.event(now, "quic:connection_started", {
+                "src_ip": str(local_addr[0]) if local_addr else None, "dst_ip": str(remote_addr[0]),
+                "dst_port": remote_addr[1]})
         self._tls_step(b"")
 
     def next_event(self):
@@ -343,6 +348,7 @@ class QuicConnection:
         if self.state >= ConnectionState.CLOSING:
             return
         self._close_frame = (error_code, frame_type, reason_phrase, application)
+        self._qlog_closed(error_code, reason_phrase, False)
         self._enter_closing(self._now)
         self._events.append(ev.ConnectionTerminated(error_code, frame_type, reason_phrase, False))
 
@@ -500,8 +506,8 @@ class QuicConnection:
 
     def _process_packet(self, path: Path, epoch: int, space: PacketSpace, pn: int, payload: bytes,
                         now: float) -> None:
-        if pn in space.ack_queue:
-            self.packets_dropped += 1  # duplicate
+        if space.is_duplicate(pn):
+            self.packets_dropped += 1
             return
         self._rx_path = path
         self._rx_epoch = epoch
@@ -514,8 +520,8 @@ class QuicConnection:
             return
         self.packets_received += 1
         path.packets_received += 1
-        if self.state == ConnectionState.FIRSTFLIGHT and epoch != INITIAL:
-            pass
+        if self._qlog is not None:
+            self._qlog_packet("quic:packet_received", epoch, path, pn, len(payload))
         self._idle_at = now + self._effective_idle_timeout()
         self._last_ack_eliciting_sent_since_rx = False
         # record for ACK
@@ -525,7 +531,7 @@ class QuicConnection:
             space.largest_received = pn
             space.largest_received_time = now
         if len(space.ack_queue) > MAX_ACK_RANGES:
-            space.ack_queue.shift()
+            space.forget_oldest_range()
         if self._rx_ack_eliciting:
             space.ack_eliciting_pending += 1
             if epoch != ONE_RTT or out_of_order or space.ack_eliciting_pending >= ACK_ELICITING_THRESHOLD:
@@ -612,6 +618,11 @@ class QuicConnection:
             ack_delay = 0.0
         rec = path.recovery
         rec.on_ack_received(space.sent, ranges, ack_delay, self._now, is_handshake_space=space.epoch != ONE_RTT)
+        if self._qlog is not None:
+            self._qlog.event(self._now, "recovery:metrics_updated", {
+                "path_id": path.path_id, "congestion_window": rec.cc.congestion_window,
+                "bytes_in_flight": rec.bytes_in_flight, "smoothed_rtt": round(rec.rtt.smoothed_rtt * 1000, 3),
+                "min_rtt": round(rec.rtt.min_rtt * 1000, 3), "latest_rtt": round(rec.rtt.latest_rtt * 1000, 3)})
         if space.epoch == HANDSHAKE and self.is_client:
             rec.peer_completed_address_validation = True
         if self._key_update_pending_ack is not None and space.epoch == ONE_RTT \
@@ -815,6 +826,7 @@ class QuicConnection:
     def _on_connection_close(self, buf, frame_type, space) -> None:
         error_code, ftype, reason = F.pull_connection_close(buf, frame_type == F.FrameType.APPLICATION_CLOSE)
         self._events.append(ev.ConnectionTerminated(error_code, ftype, reason, True))
+        self._qlog_closed(error_code, reason, True)
         self._enter_draining(self._now)
 
     def _on_handshake_done(self, buf, frame_type, space) -> None:
@@ -1065,6 +1077,8 @@ class QuicConnection:
         rec.on_packet_sent(space.sent, packet)
         if pkt.ack_eliciting:
             self._on_ack_eliciting_sent(now)
+        if self._qlog is not None:
+            self._qlog_packet("quic:packet_sent", pkt.epoch, path, pn, len(data))
         return data
 
     def _build_short_packet(self, path: Path, rec: Recovery, remaining: int, now: float, pad: bool,
@@ -1145,6 +1159,8 @@ class QuicConnection:
         self._after_1rtt_sent(pn)
         if pkt.ack_eliciting:
             self._on_ack_eliciting_sent(now)
+        if self._qlog is not None:
+            self._qlog_packet("quic:packet_sent", ONE_RTT, path, pn, len(data))
         return data
 
     def _build_datagram_packet(self, path: Path, rec: Recovery, capacity: int, now: float) -> bytes | None:
@@ -1192,6 +1208,8 @@ class QuicConnection:
         self._after_1rtt_sent(pn)
         if not self._last_ack_eliciting_sent_since_rx:
             self._on_ack_eliciting_sent(now)
+        if self._qlog is not None:
+            self._qlog_packet("quic:packet_sent", ONE_RTT, path, pn, size)
         return data
 
     def _after_1rtt_sent(self, pn: int) -> None:
@@ -1542,6 +1560,7 @@ class QuicConnection:
             return
         if self._idle_at is not None and now >= self._idle_at:
             self._events.append(ev.ConnectionTerminated(QuicErrorCode.NO_ERROR, None, "idle timeout", False))
+            self._qlog_closed(0, "idle timeout", False)
             self.state = ConnectionState.TERMINATED
             return
         for path in list(self._paths.values()):
@@ -1683,6 +1702,13 @@ class QuicConnection:
             if params.initial_source_connection_id != self._path0.peer_cid.cid:
                 raise QuicProtocolError(QuicErrorCode.TRANSPORT_PARAMETER_ERROR, "initial_source_connection_id mismatch")
         self._peer_params = params
+        if self._qlog is not None:
+            self._qlog.event(self._now, "quic:parameters_set", {
+                "owner": "remote", "max_idle_timeout": params.max_idle_timeout,
+                "initial_max_data": params.initial_max_data,
+                "max_datagram_frame_size": params.max_datagram_frame_size,
+                "active_connection_id_limit": params.active_connection_id_limit,
+                "max_udp_payload_size": params.max_udp_payload_size})
         self._remote_max_data = params.initial_max_data
         self._remote_max_streams = [params.initial_max_streams_bidi, params.initial_max_streams_uni]
         self._remote_max_datagram = params.max_datagram_frame_size or 0
@@ -1730,6 +1756,8 @@ class QuicConnection:
     def _rotate_send_key(self) -> None:
         self._send_key[ONE_RTT] = self._send_key[ONE_RTT].next_generation()
         self._key_phase ^= 1
+        if self._qlog is not None:
+            self._qlog.event(self._now, "quic:key_updated", {"key_type": "1RTT", "key_phase": self._key_phase})
         self._packets_in_phase = 0
         self._key_update_pending_ack = None
 
@@ -1891,8 +1919,20 @@ class QuicConnection:
         if self.state >= ConnectionState.CLOSING:
             return
         self._close_frame = (exc.error_code, exc.frame_type, exc.reason, False)
+        self._qlog_closed(exc.error_code, exc.reason, False)
         self._enter_closing(self._now)
         self._events.append(ev.ConnectionTerminated(exc.error_code, exc.frame_type, exc.reason, False))
+
+    def _qlog_closed(self, code: int, reason: str, by_peer: bool) -> None:
+        if self._qlog is not None:
+            self._qlog.event(self._now, "quic:connection_closed", {
+                "owner": "remote" if by_peer else "local", "connection_code": code, "reason": reason})
+
+    def _qlog_packet(self, name: str, epoch: int, path: Path, pn: int, size: int) -> None:
+        self._qlog.event(self._now, name, {
+            "header": {"packet_type": ("initial", "0RTT", "handshake", "1RTT")[epoch], "packet_number": pn,
+                       "path_id": path.path_id},
+            "raw": {"length": size}})
 
     def _enter_closing(self, now: float) -> None:
         self.state = ConnectionState.CLOSING

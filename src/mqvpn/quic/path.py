@@ -38,7 +38,7 @@ class PacketSpace:
 
     __slots__ = (
         "name", "epoch", "ack_queue", "largest_received", "largest_received_time", "ack_eliciting_pending",
-        "ack_at", "ack_now", "next_pn", "sent", "discarded", "probes",
+        "ack_at", "ack_now", "next_pn", "sent", "discarded", "probes", "rx_floor",
     )
 
     def __init__(self, name: str, epoch: int) -> None:
@@ -54,14 +54,25 @@ class PacketSpace:
         self.sent = SentSpace(name)
         self.discarded = False
         self.probes = 0  # PTO probe packets still to send in this space
+        self.rx_floor = 0  # packet numbers below this are no longer tracked: treated as duplicates
 
     def on_ack_of_ack(self, delivered: bool, largest: int) -> None:
         """The peer got an ACK of ours covering up to ``largest``: stop repeating those ranges (RFC 9000 §13.2.4)."""
-        if delivered and self.ack_queue:
-            self.ack_queue.trim_below(largest + 1 - 0)  # keep `largest` itself out: peer knows it
+        if delivered and self.ack_queue and largest >= self.rx_floor:
+            self.ack_queue.trim_below(largest + 1)
+            self.rx_floor = largest + 1
             # keep at least the largest received so later ACKs still carry a valid Largest Acknowledged
             if not self.ack_queue and self.largest_received >= 0:
                 self.ack_queue.add(self.largest_received)
+                self.rx_floor = min(self.rx_floor, self.largest_received)
+
+    def forget_oldest_range(self) -> None:
+        """Bound the ACK state: drop the oldest range; everything below it counts as seen."""
+        _start, stop = self.ack_queue.shift()
+        self.rx_floor = max(self.rx_floor, stop)
+
+    def is_duplicate(self, pn: int) -> bool:
+        return pn < self.rx_floor or pn in self.ack_queue
 
 
 class Path:
