@@ -59,6 +59,7 @@ TLS_EPOCH = {tls.Epoch.INITIAL: INITIAL, tls.Epoch.ZERO_RTT: ZERO_RTT, tls.Epoch
              tls.Epoch.ONE_RTT: ONE_RTT}
 
 AEAD_TAG_SIZE = 16
+MAX_UDP_DATAGRAM_FRAME = 1 << 14  # with a larger advertised limit, the hot path skips the per-frame size check
 MAX_PN_LEN = 4
 CRYPTO_BUFFER_LIMIT = 1 << 17  # out-of-order CRYPTO data we hold per epoch
 CLOSE_FRAME_RATE = 0.05  # at most one CONNECTION_CLOSE per 50 ms while closing
@@ -220,6 +221,9 @@ class QuicConnection:
         self._datagrams: deque[bytes] = deque()
         self._datagram_limit = cfg.datagram_queue_limit
         self._remote_max_datagram = 0
+        self._datagram_room = 0
+        # DATAGRAM frames of any size a UDP datagram can carry fit under our advertised limit (<= 65535)
+        self._accept_datagrams = (cfg.max_datagram_frame_size or 0) >= MAX_UDP_DATAGRAM_FRAME
         self.datagrams_dropped = 0  # queue full or too large
         self.datagrams_received = 0
         self.datagrams_sent = 0
@@ -231,6 +235,7 @@ class QuicConnection:
         self._close_last_sent = -1.0
         self._close_needs_send = False
         self._idle_timeout = cfg.idle_timeout
+        self._idle_period = cfg.idle_timeout or 3600.0  # effective idle timeout, kept current (RFC 9000 §10.1)
         self._idle_at: float | None = None
         self._last_ack_eliciting_sent_since_rx = False
         self.packets_received = 0
@@ -321,15 +326,20 @@ class QuicConnection:
     @property
     def datagram_room(self) -> int:
         """The largest DATAGRAM payload that fits in one packet on every active path now (0: not negotiated)."""
+        return self._datagram_room
+
+    def _update_datagram_room(self) -> None:
         if not self._remote_max_datagram:
-            return 0
+            self._datagram_room = 0
+            return
         mtu = min((p.mtu for p in self._paths.values() if p.state != PathState.ABANDONED), default=MIN_UDP_PAYLOAD)
-        room = mtu - (1 + len(self._path0.peer_cid.cid) + MAX_PN_LEN) - AEAD_TAG_SIZE - 1
-        return max(0, min(room, self._remote_max_datagram - 1))
+        # the room must not change with the packet number length or the CID: count the largest of both
+        room = mtu - (1 + 20 + MAX_PN_LEN) - AEAD_TAG_SIZE - 1
+        self._datagram_room = max(0, min(room, self._remote_max_datagram - 1))
 
     def send_datagram_frame(self, data: bytes) -> bool:
         """Queue a DATAGRAM frame. Returns False (and counts it) when it is dropped: too large or queue full."""
-        if len(self._datagrams) >= self._datagram_limit or len(data) > self.datagram_room:
+        if len(data) > self._datagram_room or len(self._datagrams) >= self._datagram_limit:
             self.datagrams_dropped += 1
             return False
         self._datagrams.append(data)
@@ -506,23 +516,33 @@ class QuicConnection:
 
     def _process_packet(self, path: Path, epoch: int, space: PacketSpace, pn: int, payload: bytes,
                         now: float) -> None:
-        if space.is_duplicate(pn):
+        if pn <= space.largest_received and space.is_duplicate(pn):
             self.packets_dropped += 1
             return
-        self._rx_path = path
-        self._rx_epoch = epoch
-        self._rx_ack_eliciting = False
-        self._rx_probing_only = True
-        try:
-            self._process_frames(payload, EPOCH_BITS[epoch], space, now)
-        except QuicProtocolError as exc:
-            self._protocol_error(exc)
-            return
+        if payload[0] == 0x30 and epoch == ONE_RTT and self._accept_datagrams:
+            # hot path: a packet that is one DATAGRAM frame (no length: it runs to the end of the packet)
+            self._rx_ack_eliciting = True
+            self.datagrams_received += 1
+            handler = self.datagram_handler
+            if handler is not None:
+                handler(payload[1:])
+            else:
+                self._events.append(ev.DatagramFrameReceived(payload[1:]))
+        else:
+            self._rx_path = path
+            self._rx_epoch = epoch
+            self._rx_ack_eliciting = False
+            self._rx_probing_only = True
+            try:
+                self._process_frames(payload, EPOCH_BITS[epoch], space, now)
+            except QuicProtocolError as exc:
+                self._protocol_error(exc)
+                return
         self.packets_received += 1
         path.packets_received += 1
         if self._qlog is not None:
             self._qlog_packet("quic:packet_received", epoch, path, pn, len(payload))
-        self._idle_at = now + self._effective_idle_timeout()
+        self._idle_at = now + self._idle_period
         self._last_ack_eliciting_sent_since_rx = False
         # record for ACK
         out_of_order = pn != space.largest_received + 1
@@ -625,6 +645,8 @@ class QuicConnection:
                 "min_rtt": round(rec.rtt.min_rtt * 1000, 3), "latest_rtt": round(rec.rtt.latest_rtt * 1000, 3)})
         if space.epoch == HANDSHAKE and self.is_client:
             rec.peer_completed_address_validation = True
+        if rec.pto_count == 0 and rec.rtt.has_sample:
+            self._update_idle_period()
         if self._key_update_pending_ack is not None and space.epoch == ONE_RTT \
                 and largest >= self._key_update_pending_ack:
             self._key_update_pending_ack = None
@@ -970,6 +992,11 @@ class QuicConnection:
 
     def _send_on_path(self, path: Path, now: float, out: list) -> None:
         rec = path.recovery
+        space = path.space
+        if (self._datagrams and self._handshake_confirmed and not space.ack_now and not space.probes
+                and (space.ack_at is None or space.ack_at > now) and not self._has_control_frames(path)
+                and path.state == PathState.ACTIVE and (path.validated or self.is_client)):
+            self._send_datagrams_fast(path, now, out)
         # anti-amplification: a server sends at most 3x what it received on an unvalidated path
         limit = None if path.validated or self.is_client else 3 * path.bytes_received - path.bytes_sent
         handshake_path = path is self._path0
@@ -1094,10 +1121,6 @@ class QuicConnection:
         can_send_data = cwnd_room > 0 or probe
         if can_send_data and not probe and rec.pacer.next_send_time(now) is not None:
             can_send_data = False
-        # DATAGRAM fast path: nothing but datagrams (and maybe nothing else) to send
-        if (can_send_data and self._datagrams and not pad and not coalesced and not space.ack_now
-                and not self._has_control_frames(path) and space.ack_at is None):
-            return self._build_datagram_packet(path, rec, capacity, now)
         pkt = _Packet(ONE_RTT, space, capacity)
         self._write_ack(pkt, space, now)
         if can_send_data:
@@ -1163,54 +1186,80 @@ class QuicConnection:
             self._qlog_packet("quic:packet_sent", ONE_RTT, path, pn, len(data))
         return data
 
-    def _build_datagram_packet(self, path: Path, rec: Recovery, capacity: int, now: float) -> bytes | None:
-        """Hot path: one short-header packet carrying DATAGRAM frames only."""
+    def _send_datagrams_fast(self, path: Path, now: float, out: list) -> None:
+        """The hot path: short-header packets that carry DATAGRAM frames only, built back to back.
+
+        Runs only when nothing else is waiting (no ACK due, no control frame, no probe), so each packet is a fixed
+        header + one or more DATAGRAM frames; no Buffer, no frame loop, no per-packet objects beyond the
+        SentPacket record that loss recovery and congestion control need.
+        """
         datagrams = self._datagrams
-        first_dg = datagrams.popleft()
-        n = len(first_dg)
-        if n + 1 > capacity:
-            self.datagrams_dropped += 1  # path MTU shrank under it
-            return None
-        parts = [b"\x30", first_dg] if True else []
-        used = n + 1
-        count = 1
-        # pack more small datagrams into the same packet (each but the last carries a length)
-        while datagrams:
-            nxt = datagrams[0]
-            extra = len(nxt) + 1 + size_uint_var(len(nxt)) + size_uint_var(len(parts[-1]))
-            if used + extra > capacity:
-                break
-            last = parts.pop()
-            parts[-1] = b"\x31"
-            parts.append(_varint(len(last)))
-            parts.append(last)
-            parts.append(b"\x30")
-            parts.append(datagrams.popleft())
-            used += extra
-            count += 1
+        rec = path.recovery
+        cc = rec.cc
+        pacer = rec.pacer
         space = path.space
-        pn = space.next_pn
-        la = space.sent.largest_acked
-        truncated, pn_len = encode_packet_number(pn, la if la >= 0 else None)
-        if used + pn_len < 4:
-            parts.insert(0, bytes(4 - pn_len - used))
-        payload = b"".join(parts)
-        header = bytes((0x40 | (self._key_phase << 2) | (pn_len - 1),)) + path.peer_cid.cid \
-            + truncated.to_bytes(pn_len, "big")
-        data = protect_packet(self._send_key[ONE_RTT], self._send_hp[ONE_RTT], header, payload, pn, path.path_id)
-        space.next_pn = pn + 1
-        size = len(data)
-        rec.on_packet_sent(space.sent, SentPacket(pn, now, size, True, True))
-        rec.pacer.on_packet_sent(size, now)
-        path.packets_sent += 1
-        path.datagrams_sent += count
-        self.datagrams_sent += count
-        self._after_1rtt_sent(pn)
-        if not self._last_ack_eliciting_sent_since_rx:
-            self._on_ack_eliciting_sent(now)
-        if self._qlog is not None:
-            self._qlog_packet("quic:packet_sent", ONE_RTT, path, pn, size)
-        return data
+        sent = space.sent
+        dcid = path.peer_cid.cid
+        capacity = path.mtu - (1 + len(dcid) + MAX_PN_LEN) - AEAD_TAG_SIZE
+        key = self._send_key[ONE_RTT]
+        hp = self._send_hp[ONE_RTT]
+        path_id = path.path_id
+        remote, local = path.remote_addr, path.local_addr
+        first_byte = 0x40 | (self._key_phase << 2)
+        on_packet_sent = rec.on_packet_sent
+        pace = pacer.on_packet_sent
+        count = 0
+        first_pn = space.next_pn
+        while datagrams:
+            if rec.bytes_in_flight >= cc.congestion_window or pacer._empty_at > now:
+                break
+            data = datagrams.popleft()
+            n = len(data)
+            if n + 1 > capacity:
+                self.datagrams_dropped += 1  # the path MTU shrank under it: drop, never stall the queue
+                continue
+            parts = [b"\x30", data]
+            used = n + 1
+            count += 1
+            # pack more small datagrams into the same packet (all but the last carry a length)
+            while datagrams:
+                nxt = datagrams[0]
+                extra = len(nxt) + 1 + (1 if len(parts[-1]) < 64 else 2)
+                if used + extra > capacity:
+                    break
+                last = parts.pop()
+                parts[-1] = b"\x31"
+                parts.append(_varint(len(last)))
+                parts.append(last)
+                parts.append(b"\x30")
+                parts.append(datagrams.popleft())
+                used += extra
+                count += 1
+            pn = space.next_pn
+            space.next_pn = pn + 1
+            # 2-byte packet numbers while fewer than 2^14 are unacknowledged (RFC 9000 §17.1), else 4
+            if pn - sent.largest_acked < 0x4000:
+                header = bytes((first_byte | 1,)) + dcid + (pn & 0xFFFF).to_bytes(2, "big")
+            else:
+                header = bytes((first_byte | 3,)) + dcid + (pn & 0xFFFFFFFF).to_bytes(4, "big")
+            if used < 2:
+                parts.insert(0, bytes(2))  # the header protection sample needs 4 bytes after the PN start
+            packet = protect_packet(key, hp, header, b"".join(parts), pn, path_id)
+            size = len(packet)
+            on_packet_sent(sent, SentPacket(pn, now, size, True, True))
+            pace(size, now)
+            out.append((packet, remote, local))
+        if count:
+            path.packets_sent += count
+            path.datagrams_sent += count
+            self.datagrams_sent += count
+            if self._packets_in_phase == 0 and self._key_update_pending_ack is None:
+                self._key_update_pending_ack = first_pn
+            self._packets_in_phase += count
+            if self._packets_in_phase >= self.configuration.key_update_after_packets:
+                self._key_update_requested = True
+            if not self._last_ack_eliciting_sent_since_rx:
+                self._on_ack_eliciting_sent(now)
 
     def _after_1rtt_sent(self, pn: int) -> None:
         if self._key_update_pending_ack is None and self._packets_in_phase == 0:
@@ -1223,7 +1272,7 @@ class QuicConnection:
         # RFC 9000 §10.1: restart the idle timer when sending the first ack-eliciting packet after a receive
         if not self._last_ack_eliciting_sent_since_rx:
             self._last_ack_eliciting_sent_since_rx = True
-            self._idle_at = now + self._effective_idle_timeout()
+            self._idle_at = now + self._idle_period
 
     def _write_ack(self, pkt: _Packet, space: PacketSpace, now: float) -> None:
         if not space.ack_queue or not (space.ack_now or (space.ack_at is not None and now >= space.ack_at)
@@ -1501,12 +1550,13 @@ class QuicConnection:
         path.pmtud_probe = 0
         if delivered:
             if size > path.mtu:
-                old_room = self.datagram_room
+                old_room = self._datagram_room
                 path.mtu = size
                 path.pmtud_fails = 0
                 rec = path.recovery
                 rec.update_max_datagram_size(size)
-                if self.datagram_room != old_room:
+                self._update_datagram_room()
+                if self._datagram_room != old_room:
                     self._events.append(ev.MtuUpdated(size, self.datagram_room))
         else:
             path.pmtud_fails += 1
@@ -1601,6 +1651,9 @@ class QuicConnection:
         if sent is self._handshake_space.sent:
             return self._handshake_space
         return None
+
+    def _update_idle_period(self) -> None:
+        self._idle_period = self._effective_idle_timeout()
 
     def _effective_idle_timeout(self) -> float:
         local = self._idle_timeout
@@ -1712,6 +1765,8 @@ class QuicConnection:
         self._remote_max_data = params.initial_max_data
         self._remote_max_streams = [params.initial_max_streams_bidi, params.initial_max_streams_uni]
         self._remote_max_datagram = params.max_datagram_frame_size or 0
+        self._update_datagram_room()
+        self._update_idle_period()
         for path in self._paths.values():
             path.recovery.peer_max_ack_delay = params.max_ack_delay / 1000.0
 
