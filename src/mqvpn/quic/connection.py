@@ -276,6 +276,14 @@ class QuicConnection:
     def peer_transport_parameters(self) -> TransportParameters | None:
         return self._peer_params
 
+    @property
+    def peer_max_datagram_frame_size(self) -> int | None:
+        return self._peer_params.max_datagram_frame_size if self._peer_params else None
+
+    def key_phases(self) -> tuple[int, int]:
+        """(send, receive) 1-RTT key phase bits."""
+        return self._key_phase, self._recv_key_phase
+
     def connect(self, remote_addr, now: float, local_addr=None) -> None:
         """Client: start the handshake towards ``remote_addr``."""
         assert self.is_client and self.state == ConnectionState.FIRSTFLIGHT
@@ -710,7 +718,7 @@ class QuicConnection:
             data, fin = chunk
             self._data_consumed += len(data)
             self._events.append(ev.StreamDataReceived(stream.stream_id, data, fin))
-        if receiver.max_stream_data_frame() is not None:
+        if receiver.control_pending:
             self._stream_queue[stream.stream_id] = stream
         if self._local_max_data - self._data_consumed < self.configuration.initial_max_data // 2:
             self._local_max_data = self._data_consumed + self.configuration.initial_max_data
@@ -1414,24 +1422,25 @@ class QuicConnection:
             sender = stream.sender
             receiver = stream.receiver
             # stream-level control frames
-            if receiver is not None:
+            # stream-level control frames (each producer consumes what it returns: call it only with room)
+            if receiver is not None and receiver.control_pending and buf.capacity - buf.tell() >= 34:
                 code = receiver.stop_sending_frame()
-                if code is not None and buf.capacity - buf.tell() >= 17:
+                if code is not None:
                     buf.push_uint_var(F.FrameType.STOP_SENDING)
                     buf.push_uint_var(sid)
                     buf.push_uint_var(code)
                     pkt.handlers.append((receiver.on_stop_sending_delivered, ()))
                     pkt.ack_eliciting = pkt.in_flight = True
                 value = receiver.max_stream_data_frame()
-                if value is not None and buf.capacity - buf.tell() >= 17:
+                if value is not None:
                     buf.push_uint_var(F.FrameType.MAX_STREAM_DATA)
                     buf.push_uint_var(sid)
                     buf.push_uint_var(value)
                     pkt.handlers.append((receiver.on_max_stream_data_delivered, (value,)))
                     pkt.ack_eliciting = pkt.in_flight = True
-            if sender is not None:
+            if sender is not None and sender.control_pending and buf.capacity - buf.tell() >= 42:
                 reset = sender.reset_frame()
-                if reset is not None and buf.capacity - buf.tell() >= 25:
+                if reset is not None:
                     code, final_size = reset
                     buf.push_uint_var(F.FrameType.RESET_STREAM)
                     buf.push_uint_var(sid)
@@ -1440,11 +1449,13 @@ class QuicConnection:
                     pkt.handlers.append((sender.on_reset_delivered, ()))
                     pkt.ack_eliciting = pkt.in_flight = True
                 blocked = sender.blocked_frame()
-                if blocked is not None and buf.capacity - buf.tell() >= 17:
+                if blocked is not None:
                     buf.push_uint_var(F.FrameType.STREAM_DATA_BLOCKED)
                     buf.push_uint_var(sid)
                     buf.push_uint_var(blocked)
+                    pkt.handlers.append((sender.on_blocked_delivered, (blocked,)))
                     pkt.ack_eliciting = pkt.in_flight = True
+            if sender is not None:
                 while sender.has_data_to_send:
                     room = buf.capacity - buf.tell() - 1 - 8 - 8 - 4
                     if room <= 0:
@@ -1473,9 +1484,9 @@ class QuicConnection:
     @staticmethod
     def _stream_idle(stream: QuicStream) -> bool:
         s, r = stream.sender, stream.receiver
-        if s is not None and (s.has_data_to_send or s.reset_frame() is not None or s.blocked_frame() is not None):
+        if s is not None and (s.has_data_to_send or s.control_pending):
             return False
-        if r is not None and (r.stop_sending_frame() is not None or r.max_stream_data_frame() is not None):
+        if r is not None and r.control_pending:
             return False
         return True
 

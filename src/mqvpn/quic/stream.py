@@ -226,6 +226,15 @@ class StreamReceiver:
 
     # -- frames to send --------------------------------------------------------------------------------------------
 
+    @property
+    def control_pending(self) -> bool:
+        """A STOP_SENDING or MAX_STREAM_DATA frame is waiting (a peek: nothing is consumed)."""
+        if self._stop_pending or self._msd_retransmit:
+            return True
+        if self._final_size is not None or self.reset_error_code is not None or self.stop_error_code is not None:
+            return False
+        return 2 * (self._read_offset + self._window - self._max_stream_data) > self._window
+
     def stop_sending_frame(self) -> int | None:
         """Error code for a STOP_SENDING frame to send now, or None."""
         if not self._stop_pending:
@@ -498,6 +507,17 @@ class StreamSender:
         if value > self._max_stream_data:
             self._max_stream_data = value
             self._blocked_pending = False
+
+    @property
+    def control_pending(self) -> bool:
+        """A RESET_STREAM or STREAM_DATA_BLOCKED frame is waiting (a peek: nothing is consumed)."""
+        if self._reset_pending:
+            return True
+        if self.reset_error_code is not None:
+            return False
+        limit = self._max_stream_data
+        return (self._send_offset >= limit and self._write_offset > self._send_offset
+                and (self._blocked_sent_at != limit or self._blocked_pending))
 
     def blocked_frame(self) -> int | None:
         """Limit for a STREAM_DATA_BLOCKED frame when data waits on the peer's stream limit (once per limit)."""
