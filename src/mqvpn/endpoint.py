@@ -70,6 +70,7 @@ class ConnectionHandle:
     """
 
     def __init__(self, endpoint: QuicEndpoint, quic: Any) -> None:
+        self.last_rx: float | None = None  # loop time of the last datagram received for this connection
         self.quic = quic
         self.endpoint = endpoint
         self._loop = endpoint._loop
@@ -460,6 +461,8 @@ class QuicEndpoint:
                 break
             now = loop_time()
         if touched:
+            for handle in touched:
+                handle.last_rx = now
             now = loop_time()
             for handle in touched:
                 if not handle._removed:

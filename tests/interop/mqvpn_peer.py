@@ -59,8 +59,16 @@ async def mqvpn_server(
         app = EchoApp(conn.quic, transmit=conn.transmit, key_update_after=key_update_after)
         handle.apps.append(app)
         handle.protocols.append(conn)
-        conn.event_handler = lambda event: dispatch_event(event, app)
-        conn.datagram_handler = app.on_datagram
+        def on_event(event) -> None:
+            dispatch_event(event, app)
+            app.after_receive()  # samples the key phases
+
+        def on_datagram(data: bytes) -> None:
+            app.on_datagram(data)
+            app.after_receive()
+
+        conn.event_handler = on_event
+        conn.datagram_handler = on_datagram
 
     endpoint = await QuicEndpoint.serve((host, port), cfg, on_connection, retry=retry)
     try:
@@ -83,7 +91,6 @@ class MqvpnClientSession:
         self.options = options
         self.sink = sink
         self.handle: Any = None
-        self.last_rx: float | None = None
 
     def _configuration(self) -> QuicConfiguration:
         o = self.options
@@ -97,12 +104,14 @@ class MqvpnClientSession:
             setattr(cfg, name, value)
         return cfg
 
+    @property
+    def last_rx(self) -> float | None:
+        return None if self.handle is None else self.handle.last_rx
+
     def _on_event(self, event: Any) -> None:
-        self.last_rx = asyncio.get_running_loop().time()
         dispatch_event(event, self.sink)
 
     def _on_datagram(self, data: bytes) -> None:
-        self.last_rx = asyncio.get_running_loop().time()
         self.sink.on_datagram(data)
 
     async def connect(self) -> None:

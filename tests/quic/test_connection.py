@@ -157,3 +157,38 @@ def test_qlog_json_seq(pki, tmp_path):
     assert {"quic:connection_started", "quic:packet_sent", "quic:packet_received", "quic:parameters_set",
             "recovery:metrics_updated", "quic:connection_closed"} <= names
     assert all("time" in r for r in records[1:])
+
+
+def test_initial_datagrams_padded(pki):
+    """RFC 9000 §14.1: every client datagram with an Initial, and every server datagram with an ack-eliciting
+    Initial, is at least 1200 bytes; coalesced packets count exactly."""
+    from mqvpn.quic.packet import PacketType, parse_header
+
+    pair = Pair(pki)
+    seen = []
+
+    def flush():
+        for conn, who in ((pair.client, "client"), (pair.server, "server")):
+            if conn is None:
+                continue
+            out = conn.datagrams_to_send(pair.now)
+            for data, _, _ in out:
+                types = []
+                offset = 0
+                while offset < len(data):
+                    h = parse_header(data, offset, 8)
+                    types.append(h.packet_type)
+                    offset = h.packet_end
+                seen.append((who, len(data), types))
+                pair.in_flight.append((pair.now + pair.rtt / 2, "server" if who == "client" else "client", data))
+        for conn, events in ((pair.client, pair.client_events), (pair.server, pair.server_events)):
+            while conn is not None and (e := conn.next_event()) is not None:
+                events.append(e)
+
+    pair._flush = flush
+    handshake(pair)
+    pair.run(until=lambda: pair.client._handshake_confirmed, max_time=1)
+    client_initials = [n for who, n, types in seen if who == "client" and PacketType.INITIAL in types]
+    assert len(client_initials) >= 2  # ClientHello, then the ACK coalesced with Finished
+    assert all(n >= 1200 for n in client_initials), seen
+    assert all(n >= 1200 for who, n, types in seen if who == "server" and PacketType.INITIAL in types)

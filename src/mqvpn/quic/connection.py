@@ -1028,7 +1028,9 @@ class QuicConnection:
                     if pkt is not None:
                         long_pkts.append(pkt)
                         remaining -= pkt.pad_to  # pad_to holds the packet's size until it is finished
-                        if epoch == INITIAL and pkt.ack_eliciting:
+                        # RFC 9000 §14.1: a client pads every datagram that carries an Initial packet, a server
+                        # those with an ack-eliciting Initial, to 1200 bytes
+                        if epoch == INITIAL and (pkt.ack_eliciting or self.is_client):
                             pad_datagram = True
             coalesced = datagram_size - remaining
             short = None
@@ -1083,7 +1085,11 @@ class QuicConnection:
             space.probes -= 1
         if pkt.buf.tell() == 0:
             return None
-        pkt.pad_to = header_len + max(pkt.buf.tell(), 4) + AEAD_TAG_SIZE  # upper bound of its size
+        # the exact size it will have once finished unpadded (the PN length is known now), so a 1-RTT packet
+        # coalesced after it can pad the datagram to exactly 1200 bytes
+        la = space.sent.largest_acked
+        _, pn_len = encode_packet_number(space.next_pn, la if la >= 0 else None)
+        pkt.pad_to = header_len - MAX_PN_LEN + pn_len + max(pkt.buf.tell(), 4 - pn_len) + AEAD_TAG_SIZE
         return pkt
 
     def _finish_long_packet(self, pkt: _Packet, path: Path, rec: Recovery, now: float, pad_to: int) -> bytes:
