@@ -35,6 +35,9 @@ class Pair:
         self.server_events: list = []
         self.delivered = 0
         self.dropped = 0
+        self.client_addr = CLIENT_ADDR  # change it to simulate a NAT rebinding
+        self.max_size: int | None = None  # path MTU: larger datagrams are dropped on the wire
+        self.sent_sizes = {"client": [], "server": []}
 
     def connect(self) -> None:
         self.client.connect(SERVER_ADDR, self.now)
@@ -44,6 +47,10 @@ class Pair:
             if conn is None:
                 continue
             for data, addr, _local in conn.datagrams_to_send(self.now):
+                self.sent_sizes["server" if to == "client" else "client"].append(len(data))
+                if self.max_size is not None and len(data) > self.max_size:
+                    self.dropped += 1
+                    continue
                 if self.loss and self.rng.random() < self.loss:
                     self.dropped += 1
                     continue
@@ -73,9 +80,9 @@ class Pair:
                     header = parse_header(data, 0, 8)
                     self.server = QuicConnection(self.server_cfg, original_destination_connection_id=header.dcid,
                                                  peer_initial_cid=header.scid)
-                self.server.receive_datagram(data, CLIENT_ADDR, self.now, SERVER_ADDR)
+                self.server.receive_datagram(data, self.client_addr, self.now, SERVER_ADDR)
             else:
-                self.client.receive_datagram(data, SERVER_ADDR, self.now, CLIENT_ADDR)
+                self.client.receive_datagram(data, SERVER_ADDR, self.now, self.client_addr)
         for conn in (self.client, self.server):
             if conn is not None and (t := conn.get_timer()) is not None and t <= self.now:
                 conn.handle_timer(self.now)

@@ -65,7 +65,7 @@ CRYPTO_BUFFER_LIMIT = 1 << 17  # out-of-order CRYPTO data we hold per epoch
 CLOSE_FRAME_RATE = 0.05  # at most one CONNECTION_CLOSE per 50 ms while closing
 PATH_CHALLENGE_TRIES = 3
 PMTUD_RAISE_INTERVAL = 600.0  # RFC 8899 PMTU_RAISE_TIMER
-PMTUD_MAX_PROBES = 3  # RFC 8899 MAX_PROBES
+PMTUD_MAX_PROBES = 2  # losses of one probe size before it is ruled out (RFC 8899 MAX_PROBES is 3)
 PMTUD_STEP_MIN = 8
 
 
@@ -506,9 +506,6 @@ class QuicConnection:
         nxt = self._recv_key_next or self._recv_key[ONE_RTT].next_generation()
         payload = open_payload(nxt, plain_header, data, len(data), pn, path.path_id)
         initiated_locally = self._key_phase != self._recv_key_phase
-        if not initiated_locally and self._key_update_pending_ack is not None:
-            # RFC 9001 §6.2: the peer must not update again before acknowledging our packets of this phase
-            raise QuicProtocolError(QuicErrorCode.KEY_UPDATE_ERROR, "key update before acknowledgement")
         self._recv_key_prev = self._recv_key[ONE_RTT]
         self._recv_key_prev_until = now + 3 * self._max_pto()
         self._recv_key[ONE_RTT] = nxt
@@ -1533,53 +1530,64 @@ class QuicConnection:
 
     # --- DPLPMTUD (RFC 8899): probe upward from 1200 with PING+PADDING packets ---
 
+    # DPLPMTUD search: path.mtu is the largest size confirmed, path.pmtud_high the largest not yet ruled out.
+    # The first probe tries the ceiling (most paths carry it); after that, binary search. A size is ruled out
+    # after PMTUD_MAX_PROBES losses; the search restarts every PMTUD_RAISE_INTERVAL (RFC 8899 §5.3).
+
     def _needs_pmtu_probe(self, path: Path, now: float, cwnd_room: int) -> bool:
         if not self.configuration.pmtud or not self._handshake_confirmed or path.pmtud_probe:
             return False
-        if path.pmtud_next_at is not None and now < path.pmtud_next_at:
+        if path.pmtud_next_at is not None:  # search done; handle_timer restarts it when the raise timer expires
             return False
-        ceiling = self.configuration.pmtud_max_payload
-        if self._peer_params is not None:
-            ceiling = min(ceiling, self._peer_params.max_udp_payload_size)
-        if path.pmtud_high < ceiling and path.pmtud_next_at is None:
+        if path.pmtud_high <= 0 or path.pmtud_high < path.mtu:
+            ceiling = self.configuration.pmtud_max_payload
+            if self._peer_params is not None:
+                ceiling = min(ceiling, self._peer_params.max_udp_payload_size)
             path.pmtud_high = ceiling
+            path.pmtud_low = 0  # marks "first probe of a search: try the ceiling"
+            path.pmtud_fails = 0
         if path.pmtud_high - path.mtu < PMTUD_STEP_MIN:
             path.pmtud_next_at = now + PMTUD_RAISE_INTERVAL
-            path.pmtud_high = ceiling
             return False
         return cwnd_room >= path.pmtud_high
 
+    def _pmtu_probe_size(self, path: Path) -> int:
+        if path.pmtud_low == 0:
+            return path.pmtud_high
+        return (path.mtu + path.pmtud_high + 1) // 2
+
     def _build_pmtu_probe(self, path: Path, rec: Recovery, now: float) -> bytes | None:
-        size = path.pmtud_high if path.pmtud_fails == 0 else (path.mtu + path.pmtud_high + 1) // 2
-        size = max(size, path.mtu + 1)
+        size = self._pmtu_probe_size(path)
         dcid = path.peer_cid.cid
-        capacity = size - (1 + len(dcid) + MAX_PN_LEN) - AEAD_TAG_SIZE
+        la = path.space.sent.largest_acked
+        _, pn_len = encode_packet_number(path.space.next_pn, la if la >= 0 else None)
+        capacity = size - (1 + len(dcid) + pn_len) - AEAD_TAG_SIZE  # the probe is exactly `size` bytes
         pkt = _Packet(ONE_RTT, path.space, capacity)
         pkt.buf.push_uint_var(F.FrameType.PING)
         pkt.buf.push_bytes(bytes(capacity - 1))
         pkt.ack_eliciting = pkt.in_flight = pkt.is_mtu_probe = True
         pkt.handlers.append((self._on_pmtu_probe_delivered, (path, size)))
         path.pmtud_probe = size
-        data = self._finish_short_packet(pkt, path, rec, now, 0)
-        return data
+        return self._finish_short_packet(pkt, path, rec, now, 0)
 
     def _on_pmtu_probe_delivered(self, delivered: bool, path: Path, size: int) -> None:
         path.pmtud_probe = 0
         if delivered:
+            path.pmtud_low = 1
+            path.pmtud_fails = 0
             if size > path.mtu:
                 old_room = self._datagram_room
                 path.mtu = size
-                path.pmtud_fails = 0
-                rec = path.recovery
-                rec.update_max_datagram_size(size)
+                path.recovery.update_max_datagram_size(size)
                 self._update_datagram_room()
                 if self._datagram_room != old_room:
-                    self._events.append(ev.MtuUpdated(size, self.datagram_room))
-        else:
-            path.pmtud_fails += 1
-            if path.pmtud_fails >= PMTUD_MAX_PROBES or size <= path.mtu + PMTUD_STEP_MIN:
-                path.pmtud_high = size - 1
-                path.pmtud_fails = 0
+                    self._events.append(ev.MtuUpdated(size, self._datagram_room))
+            return
+        path.pmtud_fails += 1
+        if path.pmtud_fails >= PMTUD_MAX_PROBES:
+            path.pmtud_high = size - 1  # ruled out
+            path.pmtud_low = 1
+            path.pmtud_fails = 0
 
     # ------------------------------------------------------------------------------------------------------------
     # timers
@@ -1654,7 +1662,7 @@ class QuicConnection:
                     path.challenge_sent_at = None  # send again
             if path.pmtud_next_at is not None and now >= path.pmtud_next_at:
                 path.pmtud_next_at = None
-                path.pmtud_fails = 0
+                path.pmtud_high = 0  # PMTU raise timer: search again up to the ceiling
             if path.space.ack_at is not None and now >= path.space.ack_at:
                 path.space.ack_now = True
         if self._recv_key_prev is not None and now >= self._recv_key_prev_until:

@@ -102,8 +102,8 @@ class Path:
         self.challenge_tries = 0
         self.responses: list[bytes] = []  # PATH_RESPONSE payloads to send
         self.pmtud_probe = 0  # size of the probe in flight (0: none)
-        self.pmtud_low = mtu
-        self.pmtud_high = mtu
+        self.pmtud_low = 0  # 0: the next probe is the first of a search (tries the ceiling)
+        self.pmtud_high = 0  # largest size not yet ruled out (0: search not started)
         self.pmtud_fails = 0
         self.pmtud_next_at: float | None = None
         self.key_phase_start_pn = 0
