@@ -46,6 +46,8 @@ MIN_INITIAL_DATAGRAM = 1200  # RFC 9000 §14.1: a server drops client Initials i
 RECV_BATCH = 64  # datagrams per recv_batch call
 RECV_BUDGET = 1024  # datagrams per readable callback before the loop gets a turn (and we transmit)
 RETRY_TOKEN_LIFETIME = 10.0  # seconds
+MIN_RESET_TRIGGER = 43  # a stateless reset must be shorter than its trigger and at least 21 bytes (+ margin)
+STATELESS_RESETS_PER_SECOND = 100
 
 
 class QuicConnectionError(ConnectionError):
@@ -251,6 +253,8 @@ class QuicEndpoint:
         self.version_negotiations = 0
         self.retries = 0
         self.connections_accepted = 0
+        self.stateless_resets_sent = 0
+        self._reset_window = (0.0, 0)  # (window start, resets sent in it)
 
     # ------------------------------------------------------------------------------------------------------------
     # construction
@@ -444,6 +448,7 @@ class QuicEndpoint:
                         handle = routes_get(data[1:cid_end])
                         if handle is None:
                             self.dropped_unknown_cid += 1
+                            self._maybe_stateless_reset(data, addr, key, now)
                             continue
                     else:
                         handle = self._route_long(data, addr, key, now)
@@ -467,6 +472,26 @@ class QuicEndpoint:
             for handle in touched:
                 if not handle._removed:
                     self._service(handle, now)
+
+    def _maybe_stateless_reset(self, data: bytes, addr: tuple, key: Any, now: float) -> None:
+        """A short-header packet for a connection we do not know (e.g. lost in a restart): answer with a stateless
+        reset (RFC 9000 §10.3) so the peer gives up at once instead of waiting for its idle timeout. The reset is
+        smaller than the packet that triggered it (no reset loops) and rate-limited."""
+        reset_key = getattr(self.configuration, "stateless_reset_key", None)
+        if self.is_client or reset_key is None or len(data) < MIN_RESET_TRIGGER:
+            return
+        start, count = self._reset_window
+        if now - start >= 1.0:
+            start, count = now, 0
+        if count >= STATELESS_RESETS_PER_SECOND:
+            return
+        self._reset_window = (start, count + 1)
+        from mqvpn.quic.crypto import stateless_reset_token
+        from mqvpn.quic.packet import build_stateless_reset
+
+        token = stateless_reset_token(reset_key, data[1:1 + self._cid_len])
+        self.stateless_resets_sent += 1
+        self._send_raw(build_stateless_reset(token, min(len(data) - 1, 64)), addr, key)
 
     def _receive_failed(self, handle: ConnectionHandle) -> None:
         self._loop.call_exception_handler({"message": "receive_datagram failed", "exception": _current_exception(),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .pki import TestPKI, make_test_pki
+from tests.interop.pki import TestPKI, make_test_pki
 
 
 @pytest.fixture(scope="session")
