@@ -1,6 +1,13 @@
 """Congestion control: the controller interface and registry, NewReno, CUBIC, and the pacer."""
 
-from .base import CongestionController, available, create, initial_window, minimum_window, register
+from .base import (
+    CongestionController,
+    available,
+    create,
+    initial_window,
+    minimum_window,
+    register,
+)
 from .cubic import Cubic
 from .newreno import NewReno
 from .pacer import Pacer
