@@ -42,7 +42,7 @@ def _digest(secret: bytes) -> bytes:
 
 def _check_key(key: str) -> None:
     if not isinstance(key, str):
-        raise ValueError("key must be a str")
+        raise TypeError("key must be a str")
     if not key:
         raise ValueError("key is empty")
     if key != key.strip():
@@ -53,7 +53,7 @@ def _check_key(key: str) -> None:
 
 def _check_name(name: str) -> None:
     if not isinstance(name, str):
-        raise ValueError("user name must be a str")
+        raise TypeError("user name must be a str")
     if not name:
         raise ValueError("user name is empty")
     if ":" in name:
@@ -65,7 +65,7 @@ def _check_name(name: str) -> None:
 def parse_user_spec(spec: str) -> tuple[str, str]:
     """``"NAME:KEY"`` (as given to ``--user`` or ``User=``) -> ``(name, key)``; the key may itself contain ':'."""
     if not isinstance(spec, str):
-        raise ValueError("user spec must be a str of the form NAME:KEY")
+        raise TypeError("user spec must be a str of the form NAME:KEY")
     name, colon, key = spec.partition(":")
     if not colon:
         raise ValueError(f"user spec {spec!r} has no ':' (expected NAME:KEY)")

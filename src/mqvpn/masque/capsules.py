@@ -31,16 +31,17 @@ from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import ClassVar, Union
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
+from itertools import pairwise
+from typing import ClassVar
 
 from ..quic.buffer import UINT_VAR_MAX, encode_uint_var
 
 H3_MESSAGE_ERROR = 0x10E
 DEFAULT_MAX_CAPSULE_SIZE = 64 * 1024
 
-IPAddress = Union[IPv4Address, IPv6Address]
-IPNetwork = Union[IPv4Network, IPv6Network]
+IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
 
 _ADDRESS_LENGTH = {4: 4, 6: 16}  # IP Version byte -> address bytes
 _ADDRESS_CLASS = {4: IPv4Address, 6: IPv6Address}
@@ -105,7 +106,7 @@ class IpRange:
         if not isinstance(self.start, (IPv4Address, IPv6Address)) or not isinstance(
             self.end, (IPv4Address, IPv6Address)
         ):
-            raise ValueError("IpRange start and end must be IPv4Address or IPv6Address")
+            raise TypeError("IpRange start and end must be IPv4Address or IPv6Address")
         if self.start.version != self.end.version:
             raise ValueError(f"IpRange mixes families: {self.start} .. {self.end}")
         if self.start > self.end:
@@ -121,7 +122,7 @@ class IpRange:
     def from_network(cls, network: IPNetwork | str, protocol: int = 0) -> IpRange:
         """The range covering ``network`` (e.g. ``"0.0.0.0/0"`` for every IPv4 address)."""
         if isinstance(network, str):
-            network = _NETWORK_CLASS[6 if ":" in network else 4](network)
+            network = ip_network(network)
         return cls(network.network_address, network.broadcast_address, protocol)
 
 
@@ -162,16 +163,18 @@ class RouteAdvertisement:
     ranges: list[IpRange] = field(default_factory=list)
 
 
-Capsule = Union[DatagramCapsule, AddressAssign, AddressRequest, RouteAdvertisement]
+Capsule = DatagramCapsule | AddressAssign | AddressRequest | RouteAdvertisement
 
 
 def _check_entry(request_id: int, prefix: IPNetwork, *, zero_id_ok: bool) -> None:
-    if not isinstance(request_id, int) or not 0 <= request_id <= UINT_VAR_MAX:
+    if not isinstance(request_id, int):
+        raise TypeError(f"request ID must be an int, not {type(request_id).__name__}")
+    if not 0 <= request_id <= UINT_VAR_MAX:
         raise ValueError(f"request ID {request_id!r} is not a QUIC varint")
     if request_id == 0 and not zero_id_ok:
         raise ValueError("an ADDRESS_REQUEST request ID must be nonzero")
     if not isinstance(prefix, (IPv4Network, IPv6Network)):
-        raise ValueError(f"prefix must be an IPv4Network or IPv6Network, not {type(prefix).__name__}")
+        raise TypeError(f"prefix must be an IPv4Network or IPv6Network, not {type(prefix).__name__}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -280,9 +283,7 @@ def _decode_address_entries(value: bytes, lenient: bool) -> list[tuple[int, IPNe
             raise CapsuleError(f"prefix length {prefix_len} exceeds the IPv{version} address length {bits}")
         if address & ((1 << (bits - prefix_len)) - 1):
             if not lenient:
-                raise CapsuleError(
-                    f"host bits set below the prefix: {_ADDRESS_CLASS[version](address)}/{prefix_len}"
-                )
+                raise CapsuleError(f"host bits set below the prefix: {_ADDRESS_CLASS[version](address)}/{prefix_len}")
             prefix_len = bits  # the reference server's "address/pool-prefix": keep the address itself
         entries.append((request_id, _NETWORK_CLASS[version]((address, prefix_len))))
     return entries
@@ -349,7 +350,7 @@ def _check_request(addresses: list[RequestedAddress]) -> None:
 
 def _check_routes(ranges: list[IpRange]) -> None:
     """RFC 9484 §4.7.3 ordering and the proto-0 overlap rule. Ranges themselves are already start <= end."""
-    for a, b in zip(ranges, ranges[1:]):
+    for a, b in pairwise(ranges):
         if a.version > b.version:
             raise CapsuleError(f"route ranges out of order: IPv{a.version} before IPv{b.version}")
         if a.version == b.version:
@@ -386,7 +387,8 @@ class CapsuleParser:
     ``feed`` returns the capsules completed by ``data``, decoded; unknown types are skipped without buffering
     (``skipped`` counts them). A known capsule longer than ``max_capsule_size`` is an error as soon as its header
     arrives, so at most that much (plus a header) is ever buffered. ``finish`` is called at FIN. After an error
-    the parser stays failed: every later call raises the same CapsuleError.
+    the parser stays failed: every later call raises the same CapsuleError (capsules completed earlier in the
+    failing ``feed`` call are not returned: the stream is being aborted anyway).
     """
 
     def __init__(self, max_capsule_size: int = DEFAULT_MAX_CAPSULE_SIZE, *, lenient_host_bits: bool = False) -> None:
@@ -405,6 +407,10 @@ class CapsuleParser:
             self._fail(CapsuleError("capsule data after the end of the stream"))
         out: list[Capsule] = []
         buf = self._buffer
+        if self._skip and not buf:  # inside an unknown capsule: drop without copying
+            taken = min(self._skip, len(data))
+            self._skip -= taken
+            data = memoryview(data)[taken:]
         buf += data
         pos, end = 0, len(buf)
         try:

@@ -21,11 +21,11 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
-from typing import Generic, TypeVar, Union
+from typing import Generic, TypeVar
 
-IPAddress = Union[IPv4Address, IPv6Address]
-IPNetwork = Union[IPv4Network, IPv6Network]
-AddressLike = Union[IPAddress, str, bytes, bytearray, memoryview]
+IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
+AddressLike = IPAddress | str | bytes | bytearray | memoryview
 
 S = TypeVar("S")
 
@@ -193,7 +193,10 @@ class SessionTable(Generic[S]):
         return len(self._by_address)
 
     def __contains__(self, addr: object) -> bool:
-        return self.lookup(addr) is not None  # type: ignore[arg-type]
+        try:
+            return self._key(addr) in self._by_address  # type: ignore[arg-type]
+        except ValueError:
+            return False
 
     def items(self) -> Iterator[tuple[IPAddress, S]]:
         for key, session in list(self._by_address.items()):

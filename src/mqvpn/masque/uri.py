@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import re
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Union
 
 DEFAULT_TEMPLATE = "https://{host}:{port}/.well-known/masque/ip/{target}/{ipproto}/"
 DEFAULT_PATH_TEMPLATE = "/.well-known/masque/ip/{target}/{ipproto}/"
 WILDCARD = "*"
 
-Target = Union[str, IPv4Network, IPv6Network]
-IpProto = Union[str, int]
+Target = str | IPv4Network | IPv6Network
+IpProto = str | int
 
 _VARIABLES = ("target", "ipproto")
 _AUTHORITY_VARIABLES = ("host", "port")
@@ -55,7 +54,7 @@ def _tokens(template: str) -> list[str | tuple[str, list[str]]]:
     """Literals and ``(operator, variable names)`` expressions, with RFC 9484's restrictions enforced."""
     if not isinstance(template, str):
         raise TemplateError("template must be a str")
-    if not template.isascii() or any(ord(c) < 0x21 or c in "\x7f<>\\^`|\"" for c in template):
+    if not template.isascii() or any(ord(c) < 0x21 or c in '\x7f<>\\^`|"' for c in template):
         raise TemplateError("template holds a character not allowed in a URI")
     out: list[str | tuple[str, list[str]]] = []
     pos = 0
