@@ -61,10 +61,14 @@ class Pair:
             while (e := conn.next_event()) is not None:
                 events.append(e)
 
+    def _extra_timers(self) -> list[float]:
+        """Deadlines of layers above QUIC (subclasses); step() wakes up for them too."""
+        return []
+
     def step(self) -> bool:
         """Advance to the next arrival or timer; returns False when nothing is left to do."""
         self._flush()
-        candidates = [t for t, _, _ in self.in_flight]
+        candidates = [t for t, _, _ in self.in_flight] + self._extra_timers()
         for conn in (self.client, self.server):
             if conn is not None and (t := conn.get_timer()) is not None:
                 candidates.append(t)
