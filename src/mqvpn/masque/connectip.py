@@ -98,9 +98,9 @@ class ConnectIpService:
         self.sessions: set[ServerSession] = set()
         self.counters = ServiceCounters()
 
-    def route_packet(self, packet: bytes) -> bool:
-        """Send a packet from the TUN to the client that holds its destination address. False: no such client
-        (counted) or the packet could not be queued."""
+    def route_packet(self, packet: bytes) -> ServerSession | None:
+        """Queue a packet from the TUN to the client that holds its destination address. Returns that session (the
+        caller flushes its connection), or None: no such client (counted) or the packet was dropped."""
         version = packet[0] >> 4 if packet else 0
         if version == 4:
             dst = packet[16:20]
@@ -108,12 +108,12 @@ class ConnectIpService:
             dst = packet[24:40]
         else:
             self.counters.no_session_dropped += 1
-            return False
+            return None
         session = self.table.lookup_raw(dst)
         if session is None:
             self.counters.no_session_dropped += 1
-            return False
-        return session.send_packet(packet)
+            return None
+        return session if session.send_packet(packet) else None
 
     def _allocate(self) -> tuple[Any, Any] | None:
         if len(self.sessions) >= self.max_clients:
@@ -136,7 +136,7 @@ class ServerSession:
     """One client tunnel: a CONNECT-IP request stream, its addresses and its datagram path."""
 
     __slots__ = ("service", "h3", "quic", "stream_id", "user", "addr4", "addr6", "_src4", "_src6", "_prefix",
-                 "_parser", "closed", "packets_in", "packets_out", "_fallback", "_assigned_ids")
+                 "_parser", "closed", "packets_in", "packets_out", "_fallback", "_assigned_ids", "h3_link")
 
     def __init__(self, service: ConnectIpService, h3: H3Connection, stream_id: int, user: str, addr4, addr6) -> None:
         self.service = service
@@ -155,6 +155,7 @@ class ServerSession:
         self.closed = False
         self.packets_in = 0
         self.packets_out = 0
+        self.h3_link: Any = None  # set by the asyncio layer: what flushes this session's connection
 
     # --- hot path ---
 
@@ -292,6 +293,7 @@ class ConnectIpServer:
         self.service = service
         self.h3 = h3
         self.sessions: dict[int, ServerSession] = {}
+        self.link: Any = None  # opaque, set by the asyncio layer; handed to every session (``h3_link``)
 
     def handle_h3_event(self, event) -> None:
         if isinstance(event, DataReceived):
@@ -352,6 +354,7 @@ class ConnectIpServer:
             return self._respond(stream_id, 503)
         addr4, addr6 = allocated
         session = ServerSession(service, self.h3, stream_id, user, addr4, addr6)
+        session.h3_link = self.link
         if addr4 is not None:
             service.table.add(addr4, session)
         if addr6 is not None:
