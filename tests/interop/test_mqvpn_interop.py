@@ -184,3 +184,37 @@ def test_ipv6_loopback(client, server, test_pki):
 
     r = run(main(), 30)
     assert r.stream_ok
+
+
+@pytest.mark.parametrize("suite", [0x1301, 0x1302, 0x1303], ids=["aes128gcm", "aes256gcm", "chacha20"])
+@pytest.mark.parametrize("client,server", [("mqvpn", "aioquic"), ("aioquic", "mqvpn")],
+                         ids=["mqvpn-aioquic", "aioquic-mqvpn"])
+def test_each_cipher_suite(client, server, suite, test_pki):
+    """The handshake negotiates the one suite both offer; streams and datagrams work under it."""
+    from aioquic.tls import CipherSuite
+
+    extra = {"cipher_suites": [suite] if client == "mqvpn" else [CipherSuite(suite)]}
+
+    async def main():
+        async with echo_server(server, cert=test_pki.cert, key=test_pki.key) as srv:
+            from .peers import ClientOptions
+            options = ClientOptions(cafile=test_pki.ca, extra=extra)
+            r = await run_client(client, *srv, test_pki.ca, stream_bytes=256 * 1024, datagrams=200, options=options)
+            quic = srv.handle.protocols[0]
+            return r, quic
+
+    r, server_side = run(main(), 30)
+    assert r.stream_ok
+    if server == "mqvpn":
+        assert server_side.quic._send_key[3].cipher_suite == suite
+
+
+def test_server_accepts_client_hello_without_sni(test_pki):
+    """A client dialling an IP literal sends no SNI (RFC 6066); our server must still serve it."""
+
+    async def main():
+        async with echo_server("mqvpn", cert=test_pki.cert, key=test_pki.key) as srv:
+            return await run_client("aioquic", *srv, test_pki.ca, server_name="127.0.0.1", stream_bytes=64 * 1024,
+                                    datagrams=50)
+
+    assert run(main(), 30).stream_ok
