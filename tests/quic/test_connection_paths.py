@@ -134,3 +134,11 @@ def test_pmtud_probe_sizes_are_exact(pki):
     pair = confirmed_pair(pki)
     pair.run(until=lambda: pair.client.paths[0].mtu == 1452, max_time=5)
     assert 1452 in pair.sent_sizes["client"] and max(pair.sent_sizes["client"]) == 1452
+
+
+def test_keepalive_keeps_an_idle_connection_up(pki):
+    pair = confirmed_pair(pki, idle_timeout=3.0, client_kw={"keepalive_interval": 1.0})
+    start = pair.now
+    pair.run(until=lambda: pair.now - start > 20, max_time=21)
+    assert pair.client.state == pair.server.state == ConnectionState.CONNECTED
+    assert not any(isinstance(e, ev.PingAcknowledged) for e in pair.client_events)

@@ -36,6 +36,7 @@ class QuicConfiguration:
 
     # transport parameters we announce
     idle_timeout: float = 30.0  # seconds
+    keepalive_interval: float | None = None  # send a PING after this long without receiving (NAT bindings, idle)
     max_datagram_frame_size: int | None = MAX_DATAGRAM_FRAME_SIZE  # None: no DATAGRAM support
     initial_max_data: int = 16 << 20
     initial_max_stream_data: int = 4 << 20

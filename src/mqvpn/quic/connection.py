@@ -31,6 +31,7 @@ from mqvpn.quic.constants import (
     EPOCH_BITS,
     HANDSHAKE,
     INITIAL,
+    KEEPALIVE_PING,
     MAX_PN_LEN,
     MAX_UDP_DATAGRAM_FRAME,
     ONE_RTT,
@@ -200,6 +201,8 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
         self._close_needs_send = False
         self._idle_timeout = cfg.idle_timeout
         self._idle_period = cfg.idle_timeout or 3600.0  # effective idle timeout, kept current (RFC 9000 §10.1)
+        self._keepalive = cfg.keepalive_interval
+        self._last_rx_at = 0.0
         self._idle_at: float | None = None
         self._last_ack_eliciting_sent_since_rx = False
         self.packets_received = 0
@@ -512,6 +515,7 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
         if self._qlog is not None:
             self._qlog_packet("quic:packet_received", epoch, path, pn, len(payload))
         self._idle_at = now + self._idle_period
+        self._last_rx_at = now
         self._last_ack_eliciting_sent_since_rx = False
         # record for ACK
         out_of_order = pn != space.largest_received + 1
@@ -586,6 +590,10 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
                 deadline = path.pmtud_next_at
         if self._recv_key_prev is not None and (deadline is None or self._recv_key_prev_until < deadline):
             deadline = self._recv_key_prev_until
+        if self._keepalive and self._handshake_confirmed:
+            t = self._last_rx_at + self._keepalive
+            if deadline is None or t < deadline:
+                deadline = t
         return deadline
 
     def handle_timer(self, now: float) -> None:
@@ -631,6 +639,9 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
                 path.space.ack_now = True
         if self._recv_key_prev is not None and now >= self._recv_key_prev_until:
             self._recv_key_prev = None
+        if self._keepalive and self._handshake_confirmed and now >= self._last_rx_at + self._keepalive:
+            self._last_rx_at = now  # one PING per interval while the peer stays silent
+            self._ping_pending.append(KEEPALIVE_PING)
 
     def _space_for_sent(self, path: Path, sent) -> PacketSpace | None:
         if sent is path.space.sent:

@@ -14,6 +14,7 @@ from mqvpn.quic.constants import (
     EPOCH_PACKET_TYPE,
     HANDSHAKE,
     INITIAL,
+    KEEPALIVE_PING,
     MAX_PN_LEN,
     ONE_RTT,
     PMTUD_MAX_PROBES,
@@ -614,6 +615,8 @@ class SenderMixin:
             self._retire_pending.append(seq)
 
     def _on_ping_delivered(self, delivered: bool, uid: int) -> None:
+        if uid == KEEPALIVE_PING:
+            return  # lost keep-alives are not repeated: the next interval sends another
         if delivered:
             self._events.append(ev.PingAcknowledged(uid))
         else:
