@@ -141,7 +141,7 @@ class ServerSession:
     def __init__(self, service: ConnectIpService, h3: H3Connection, stream_id: int, user: str, addr4, addr6) -> None:
         self.service = service
         self.h3 = h3
-        self.quic = h3._quic
+        self.quic = h3.quic
         self.stream_id = stream_id
         self.user = user
         self.addr4 = addr4
@@ -427,7 +427,7 @@ class ConnectIpClient:
                  auth_key: str | None = None, on_packet: Callable[[bytes], None] | None = None,
                  address_request_delay: float | None = 0.5, merge_families: bool = True) -> None:
         self.h3 = h3
-        self.quic = h3._quic
+        self.quic = h3.quic
         self.authority = authority
         self.path = path
         self.auth_key = auth_key
