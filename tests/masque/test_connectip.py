@@ -136,3 +136,40 @@ def test_wrong_key_among_users(test_pki):
     assert c.cip.addresses
     (session,) = world.service.sessions
     assert session.user == "bob"
+
+
+def test_datagram_capsule_fallback_without_quic_datagrams(test_pki):
+    """A peer without QUIC DATAGRAM: IP packets travel as DATAGRAM capsules on the stream (RFC 9297 §3.5)."""
+    world = TunnelWorld(test_pki, reflect=True)
+    c = world.add_client(max_datagram_frame_size=None)
+    c.connect_tunnel()
+    assert c.cip.addresses and c.cip._fallback
+    for i in range(5):
+        assert c.cip.send_packet(ipv4_packet("10.0.0.2", "192.0.2.1", b"cap%d" % i))
+    c.run(until=lambda: len(c.received) == 5, max_time=2)
+    assert sorted(p[20:] for p in c.received) == [b"cap%d" % i for i in range(5)]
+
+
+def test_connection_closed_before_response_is_a_setup_failure(test_pki):
+    """Like the reference server on a bad key: it closes the whole connection instead of answering 403."""
+    from mqvpn.masque import connectip
+
+    world = TunnelWorld(test_pki)
+    orig = connectip.ConnectIpServer._on_request
+    connectip.ConnectIpServer._on_request = lambda self, sid, headers, ended: self.h3.quic.close(0x106, "auth")
+    try:
+        c = world.add_client()
+        events = c.connect_tunnel()
+    finally:
+        connectip.ConnectIpServer._on_request = orig
+    closed = [e for e in events if isinstance(e, TunnelClosed)]
+    assert closed and "before the server answered" in closed[0].reason and closed[0].status is None
+
+
+def test_we_never_advertise_a_datagram_frame_size_above_65535(test_pki):
+    """xquic keeps the peer's max_datagram_frame_size in 16 bits: 65536 would become 0 (masque-wire.md §5.1)."""
+    world = TunnelWorld(test_pki)
+    c = world.add_client()
+    c.connect_tunnel()
+    assert 0 < c.server.peer_transport_parameters.max_datagram_frame_size <= 65535
+    assert 0 < c.client.peer_transport_parameters.max_datagram_frame_size <= 65535
