@@ -98,6 +98,7 @@ class Tunnel:
         self.h3 = h3
         self.cip = cip
         self.on_event: Callable[[ClientEvent], None] = lambda event: None
+        self.on_quic_event: Callable[[Any], None] = lambda event: None  # e.g. MtuUpdated
         self._closed = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
 
@@ -169,6 +170,7 @@ async def open_tunnel(server: tuple, configuration: QuicConfiguration, *, auth_k
             tunnel._timer = loop.call_at(deadline, lambda: (deliver(cip.poll(loop.time())), handle.transmit()))
 
     def on_event(event: Any) -> None:
+        tunnel.on_quic_event(event)
         events: list[ClientEvent] = []
         for h3_event in h3.handle_event(event):
             events += cip.handle_h3_event(h3_event)
