@@ -259,6 +259,11 @@ class VpnClient:
         name = self.settings.tun_name
         self.journal.record("tun", name=name)
         self.tun = Tun.open(name)
+        if not any(a.version == 6 for a in self.tunnel.addresses):
+            from mqvpn.linux.netlink import Netlink
+
+            with Netlink() as nl:  # no IPv6 in the tunnel: no router solicitations into it either
+                nl.set_sysctl(f"net/ipv6/conf/{name}/disable_ipv6", "1")
 
     def _apply_addresses(self, addresses: list) -> None:
         from mqvpn.linux.netlink import Netlink
@@ -275,8 +280,7 @@ class VpnClient:
                 if new not in self._addresses:
                     if new.version == 6 and self._mtu and self._mtu < IPV6_MIN_MTU:
                         continue
-                    self.journal.record("address_added", dev=name, cidr=str(new))
-                    nl.add_address(name, str(new))
+                    self.journal.add_address(nl, name, str(new))
             nl.set_link(name, up=True)
         self._addresses = wanted
         _log.info("TUN %s: %s", name, ", ".join(str(a) for a in wanted))
@@ -305,15 +309,12 @@ class VpnClient:
             pin = nl.route_to(self.server_ip)
             server_net = f"{self.server_ip}/{32 if ':' not in self.server_ip else 128}"
             if pin is not None and (pin.gateway or pin.dev) and pin.dev != name:
-                self.journal.record("route_added", dst=server_net, dev=pin.dev, gateway=pin.gateway, table=None)
-                nl.add_route(server_net, dev=pin.dev, gateway=pin.gateway)
+                self.journal.add_route(nl, server_net, dev=pin.dev, gateway=pin.gateway)
             for dst in SPLIT_ROUTES_V4:
-                self.journal.record("route_added", dst=dst, dev=name, gateway=None, table=None)
-                nl.add_route(dst, dev=name)
+                self.journal.add_route(nl, dst, dev=name)
             if any(a.version == 6 for a in self._addresses):
                 for dst in SPLIT_ROUTES_V6:
-                    self.journal.record("route_added", dst=dst, dev=name, gateway=None, table=None)
-                    nl.add_route(dst, dev=name)
+                    self.journal.add_route(nl, dst, dev=name)
         self.routes_installed = True
         _log.info("routes: all traffic via %s (server %s pinned via %s)", name, self.server_ip,
                   (pin.gateway or pin.dev) if pin else "-")
@@ -321,8 +322,7 @@ class VpnClient:
     def _apply_dns(self) -> None:
         from mqvpn.linux.dns import DnsOverride
 
-        self.dns = DnsOverride(list(self.settings.dns), self.tun.name, backup_dir="/run/mqvpn")
-        self.journal.record("dns", tun=self.tun.name)
+        self.dns = DnsOverride(list(self.settings.dns), self.tun.name, backup_dir="/run/mqvpn", journal=self.journal)
         self.dns.apply()
         _log.info("DNS: %s", ", ".join(self.settings.dns))
 
@@ -331,6 +331,8 @@ class VpnClient:
 
         table = f"mqvpn_ks_{self.settings.tun_name}"
         self.kill_switch_table = table
+        # journalled: a crashed client keeps it (no leak) until its next start; the clean exit removes it
+        self.journal.record("nft_table", name=table, family="inet")
         nft.install_kill_switch(table, tun_name=self.settings.tun_name, servers=[(self.server_ip, port)])
         _log.info("kill switch on: only the tunnel's UDP to %s:%d leaves this host", self.server_ip, port)
 

@@ -151,31 +151,25 @@ class VpnServer:
         from mqvpn.linux import nft
 
         s = self.settings
-        self.journal.record("tun", name=s.tun_name)
+        j = self.journal
+        j.record("tun", name=s.tun_name)
         self.tun = Tun.open(s.tun_name, mtu=s.mtu or DEFAULT_SERVER_MTU)
         with Netlink() as nl:
+            if self.pool6 is None:
+                nl.set_sysctl(f"net/ipv6/conf/{s.tun_name}/disable_ipv6", "1")  # goes with the interface
             if self.pool4 is not None:
-                cidr = f"{self.pool4.server_address}/{self.pool4.network.prefixlen}"
-                self.journal.record("address_added", dev=s.tun_name, cidr=cidr)
-                nl.add_address(s.tun_name, cidr)
+                j.add_address(nl, s.tun_name, f"{self.pool4.server_address}/{self.pool4.network.prefixlen}")
             if self.pool6 is not None:
-                cidr = f"{self.pool6.server_address}/{self.pool6.network.prefixlen}"
-                self.journal.record("address_added", dev=s.tun_name, cidr=cidr)
-                nl.add_address(s.tun_name, cidr)
+                j.add_address(nl, s.tun_name, f"{self.pool6.server_address}/{self.pool6.network.prefixlen}")
             nl.set_link(s.tun_name, up=True)
-            self._sysctl(nl, "net/ipv4/ip_forward", "1")
+            j.set_sysctl(nl, "net/ipv4/ip_forward", "1")
             if self.pool6 is not None:
-                self._sysctl(nl, "net/ipv6/conf/all/forwarding", "1")
+                j.set_sysctl(nl, "net/ipv6/conf/all/forwarding", "1")
         if not getattr(s, "no_nat", False):
             table = f"mqvpn_nat_{s.tun_name}"
-            self.journal.record("nft_table", name=table, family="inet")
+            j.record("nft_table", name=table, family="inet")
             nft.install_nat(table, str(s.subnet) if self.pool4 else None,
                             str(s.subnet6) if self.pool6 else None, tun_name=s.tun_name)
-
-    def _sysctl(self, nl, path: str, value: str) -> None:
-        previous = nl.get_sysctl(path)
-        self.journal.record("sysctl_set", path=path, previous=previous)
-        nl.set_sysctl(path, value)
 
     async def _teardown(self) -> None:
         from mqvpn.linux.netlink import Netlink
