@@ -22,6 +22,7 @@ from typing import Any
 
 from mqvpn.masque.connectip import AddressesAssigned, TunnelClosed
 from mqvpn.quic.config import QuicConfiguration
+from mqvpn.quic.congestion.base import congestion_control_name
 from mqvpn.quic.events import MtuUpdated
 from mqvpn.tunnel import ALPN_H3, Tunnel, TunnelError, open_tunnel
 
@@ -43,7 +44,7 @@ def client_quic_configuration(settings: Any) -> QuicConfiguration:
         cafile=getattr(settings, "ca", None),
         idle_timeout=120.0,
         keepalive_interval=15.0,  # keeps NAT bindings and the idle timer alive on a quiet tunnel
-        congestion_control=getattr(settings, "cc", None) or "cubic",
+        congestion_control=congestion_control_name(settings),
         datagram_queue_limit=1024,
     )
     return cfg

@@ -20,6 +20,7 @@ from mqvpn.masque.auth import KeyStore
 from mqvpn.masque.connectip import ConnectIpService, ServerSession
 from mqvpn.masque.pool import AddressPool
 from mqvpn.quic.config import QuicConfiguration
+from mqvpn.quic.congestion.base import congestion_control_name
 from mqvpn.tunnel import ALPN_H3, TunnelServer
 
 _log = logging.getLogger("mqvpn.server")
@@ -33,7 +34,7 @@ def server_quic_configuration(settings: Any) -> QuicConfiguration:
         is_client=False,
         alpn_protocols=[ALPN_H3],
         idle_timeout=120.0,  # like the reference; clients send keep-alives
-        congestion_control=getattr(settings, "cc", None) or "cubic",
+        congestion_control=congestion_control_name(settings),
         datagram_queue_limit=1024,
     )
     cfg.load_cert_chain(settings.cert, settings.key)

@@ -118,3 +118,19 @@ def create(name: str, max_datagram_size: int = 1200) -> CongestionController:
 
 def available() -> list[str]:
     return sorted(_registry)
+
+
+def congestion_control_name(settings) -> str:
+    """The controller to use for a daemon's ``cc`` setting: a registered name, else CUBIC (logged once).
+
+    The reference's default is BBRv2; until a BBR-style controller is registered here, ``bbr``/``bbr2`` run CUBIC.
+    """
+    import logging
+
+    from mqvpn.quic import congestion  # noqa: F401  (registers the built-in controllers)
+
+    wanted = (getattr(settings, "cc", None) or "cubic").lower()
+    if wanted in available():
+        return wanted
+    logging.getLogger("mqvpn").warning("congestion control %r is not available yet: using cubic", wanted)
+    return "cubic"
