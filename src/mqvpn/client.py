@@ -21,6 +21,7 @@ import socket
 from typing import Any
 
 from mqvpn.masque.connectip import AddressesAssigned, TunnelClosed
+from mqvpn.linux.journal import JournalBusy
 from mqvpn.quic.config import QuicConfiguration
 from mqvpn.quic.congestion.base import congestion_control_name
 from mqvpn.quic.events import MtuUpdated
@@ -129,7 +130,7 @@ class VpnClient:
         self._icmp_limiter = icmp.RateLimiter(ICMP_PER_SECOND, ICMP_PER_SECOND)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)
-        journal_path = f"/run/mqvpn/{s.tun_name}.journal"
+        journal_path = f"/run/mqvpn/client-{s.tun_name}.journal"
         with Netlink() as nl:
             if ChangeJournal.recover(journal_path, nl):
                 _log.warning("undid the leftovers of a previous run that did not exit cleanly")
@@ -373,6 +374,9 @@ def _authority(server: tuple) -> str:
 def run_client(settings: Any) -> int:
     try:
         return asyncio.run(VpnClient(settings).run())
+    except JournalBusy:
+        _log.error("another mqvpn client with TUN %s is running on this host (stop it first)", settings.tun_name)
+        return 1
     except PermissionError as exc:
         _log.error("%s (the client needs root or CAP_NET_ADMIN)", exc)
         return 1

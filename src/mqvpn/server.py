@@ -19,6 +19,7 @@ from typing import Any
 from mqvpn.masque.auth import KeyStore
 from mqvpn.masque.connectip import ConnectIpService, ServerSession
 from mqvpn.masque.pool import AddressPool
+from mqvpn.linux.journal import JournalBusy
 from mqvpn.quic.config import QuicConfiguration
 from mqvpn.quic.congestion.base import congestion_control_name
 from mqvpn.tunnel import ALPN_H3, TunnelServer
@@ -126,7 +127,7 @@ class VpnServer:
         s = self.settings
         loop = asyncio.get_running_loop()
         self._icmp_limiter = icmp.RateLimiter(ICMP_PER_SECOND, ICMP_PER_SECOND)
-        journal_path = f"/run/mqvpn/{s.tun_name}.journal"
+        journal_path = f"/run/mqvpn/server-{s.tun_name}.journal"
         with Netlink() as nl:
             if ChangeJournal.recover(journal_path, nl):
                 _log.warning("undid the leftovers of a previous run that did not exit cleanly")
@@ -195,6 +196,9 @@ class VpnServer:
 def run_server(settings: Any) -> int:
     try:
         return asyncio.run(VpnServer(settings).run())
+    except JournalBusy:
+        _log.error("another mqvpn server with TUN %s is running on this host (stop it first)", settings.tun_name)
+        return 1
     except PermissionError as exc:
         _log.error("%s (the server needs root or CAP_NET_ADMIN)", exc)
         return 1
