@@ -136,7 +136,7 @@ class VpnClient:
                 _log.warning("undid the leftovers of a previous run that did not exit cleanly")
         from mqvpn.linux.dns import DnsOverride
 
-        if DnsOverride.restore_stale(backup_dir="/run/mqvpn"):
+        if DnsOverride.restore_stale(backup_dir="/run/mqvpn", tun_name=s.tun_name):
             _log.warning("restored /etc/resolv.conf from a previous run that did not exit cleanly")
         self.journal = ChangeJournal(journal_path)
         host, port = s.server

@@ -65,7 +65,7 @@ def test_file_override_and_restore(resolv, run_dir):
     text = resolv.read_text()
     assert "nameserver 10.8.0.1\nnameserver fd00:8::1\n" in text and "192.0.2.53" not in text
     assert stat.S_IMODE(os.stat(resolv).st_mode) == 0o640  # mode kept
-    backup = run_dir / "resolv.conf.mqvpn-backup"
+    backup = run_dir / "resolv.conf.mqt0.mqvpn-backup"
     assert backup.read_text() == ORIGINAL and stat.S_IMODE(os.stat(backup).st_mode) == 0o640
     assert override.apply() == "file"  # a second apply is a no-op
     override.restore()
@@ -87,7 +87,7 @@ def test_symlinked_resolv_conf(resolv, run_dir, tmp_path):
         override.apply()
         assert not resolv.is_symlink() and "10.8.0.1" in resolv.read_text()
         assert target.read_text() == ORIGINAL  # the link was replaced, not written through
-        assert os.readlink(run_dir / "resolv.conf.mqvpn-backup") == "../resolvconf/resolv.conf"
+        assert os.readlink(run_dir / "resolv.conf.mqt0.mqvpn-backup") == "../resolvconf/resolv.conf"
     assert resolv.is_symlink() and os.readlink(resolv) == "../resolvconf/resolv.conf"
     assert resolv.read_text() == ORIGINAL
 
@@ -104,9 +104,9 @@ def test_stale_backup_restored_on_next_start(resolv, run_dir):
     assert "10.8.0.1" in resolv.read_text()
     with pytest.raises(DnsError):  # never take the override for the original
         make_override(resolv, run_dir).apply()
-    assert DnsOverride.restore_stale(resolv_conf=str(resolv), backup_dir=str(run_dir)) is True
+    assert DnsOverride.restore_stale(resolv_conf=str(resolv), backup_dir=str(run_dir), tun_name="mqt0") is True
     assert resolv.read_text() == ORIGINAL
-    assert DnsOverride.restore_stale(resolv_conf=str(resolv), backup_dir=str(run_dir)) is False
+    assert DnsOverride.restore_stale(resolv_conf=str(resolv), backup_dir=str(run_dir), tun_name="mqt0") is False
     make_override(resolv, run_dir).apply()  # usable again
 
 
@@ -124,7 +124,7 @@ def test_write_failure_puts_the_original_back(resolv, run_dir, monkeypatch):
     with pytest.raises(OSError):
         make_override(resolv, run_dir).apply()
     assert resolv.read_text() == ORIGINAL
-    assert not (run_dir / "resolv.conf.mqvpn-backup").exists()
+    assert not (run_dir / "resolv.conf.mqt0.mqvpn-backup").exists()
 
 
 def test_missing_resolv_conf(tmp_path, run_dir):
@@ -172,7 +172,7 @@ def test_detection(resolv, run_dir, tmp_path, fake_resolvectl, monkeypatch):
     resolv.write_text("nameserver 127.0.0.53\n")
     assert not dns.resolved_active(str(resolv), absent)
     assert make_override(resolv, run_dir, use_resolved=None, resolvectl=absent).apply() == "file"
-    DnsOverride.restore_stale(resolv_conf=str(resolv), backup_dir=str(run_dir))
+    DnsOverride.restore_stale(resolv_conf=str(resolv), backup_dir=str(run_dir), tun_name="mqt0")
     # the stub in resolv.conf and `resolvectl status` works: resolved
     assert dns.resolved_active(str(resolv), fake_resolvectl.path)
     assert make_override(resolv, run_dir, use_resolved=None, resolvectl=fake_resolvectl.path).apply() == "resolved"

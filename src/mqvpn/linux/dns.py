@@ -46,9 +46,11 @@ class DnsError(Exception):
     pass
 
 
-def backup_path(resolv_conf: str, backup_dir: str) -> str:
-    """Where the original of ``resolv_conf`` is kept while overridden (one per resolv.conf, not per TUN)."""
-    return os.path.join(backup_dir, os.path.basename(resolv_conf) + ".mqvpn-backup")
+def backup_path(resolv_conf: str, backup_dir: str, tun_name: str = "") -> str:
+    """Where the original of ``resolv_conf`` is kept while overridden, per TUN name (one client per TUN name on a
+    host; clients in other network namespaces may share /run but override their own resolv.conf)."""
+    tag = f".{tun_name}" if tun_name else ""
+    return os.path.join(backup_dir, os.path.basename(resolv_conf) + tag + ".mqvpn-backup")
 
 
 class DnsOverride:
@@ -76,7 +78,7 @@ class DnsOverride:
         self.tun_name = tun_name
         self.resolv_conf = resolv_conf
         self.backup_dir = backup_dir
-        self.backup = backup_path(resolv_conf, backup_dir)
+        self.backup = backup_path(resolv_conf, backup_dir, tun_name)
         self.resolvectl = resolvectl
         self.use_resolved = use_resolved
         self.journal = journal
@@ -112,9 +114,10 @@ class DnsOverride:
             restore_backup(self.resolv_conf, self.backup)
 
     @classmethod
-    def restore_stale(cls, *, resolv_conf: str = "/etc/resolv.conf", backup_dir: str = "/run/mqvpn") -> bool:
-        """Start-up: put back a backup a crashed run left; True when there was one."""
-        return restore_backup(resolv_conf, backup_path(resolv_conf, backup_dir))
+    def restore_stale(cls, *, resolv_conf: str = "/etc/resolv.conf", backup_dir: str = "/run/mqvpn",
+                      tun_name: str = "") -> bool:
+        """Start-up: put back a backup a crashed run (with this TUN name) left; True when there was one."""
+        return restore_backup(resolv_conf, backup_path(resolv_conf, backup_dir, tun_name))
 
     # --- the two paths ------------------------------------------------------------------------------------------
     def _apply_resolved(self) -> None:
