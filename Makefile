@@ -37,7 +37,7 @@ test: venv debs
 	if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
 demo: venv debs
-	$(PY) -m mqvpn.demo
+	$(PY) demo/namespace_lab.py
 
 bench: venv
 	$(PY) bench/datagram_throughput.py
