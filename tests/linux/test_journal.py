@@ -302,6 +302,6 @@ def test_recover_a_crashed_dns_override(tmp_path, nl):
     env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "src")}
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == -signal.SIGKILL
     assert "10.8.0.1" in resolv.read_text()
-    assert dns.DnsOverride.restore_stale(resolv_conf=str(resolv), backup_dir=str(run))
+    assert dns.DnsOverride.restore_stale(resolv_conf=str(resolv), backup_dir=str(run), tun_name="mqt0")
     assert resolv.read_text() == "nameserver 192.0.2.53\n"
     shutil.rmtree(run)
