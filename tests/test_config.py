@@ -74,6 +74,7 @@ SAMPLES: dict[str, tuple[object, object, str]] = {
     "reconnect_interval": ("30", 30, "0"),
     "kill_switch": ("on", True, "2"),
     "manage_routes": ("no", False, "nope"),
+    "nat": ("no", False, "nope"),
     "log_level": ("DEBUG", "debug", "loud"),
     "log_format": ("json", "json", "xml"),
     "qlog_dir": ("/var/log/mqvpn/qlog", "/var/log/mqvpn/qlog", "a\0b"),

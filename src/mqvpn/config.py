@@ -443,6 +443,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("kill_switch", SWITCH, "block traffic outside the tunnel while it is up", flags=("--kill-switch",),
            section="Interface", ini_key="KillSwitch", json_key="kill_switch", parse=parse_bool, default=False,
            role="client"),
+    Option("nat", SWITCH, "masquerade the client subnets (off: you route or NAT them yourself)",
+           flags=("--no-nat",), flag_value=False, section="Interface", ini_key="NAT", json_key="nat",
+           parse=parse_bool, default=True, role="server"),
     Option("manage_routes", SWITCH, "install the default routes through the tunnel (off: leave routing alone)",
            flags=("--no-manage-routes",), flag_value=False, section="Interface", ini_key="ManageRoutes",
            json_key="manage_routes", parse=parse_bool, default=True, role="client"),
@@ -552,6 +555,7 @@ class Settings:
     reconnect: bool = True
     reconnect_interval: int = 5
     kill_switch: bool = False
+    nat: bool = True
     manage_routes: bool = True
     scheduler: str = "wlb"  # 'wlb' | 'minrtt' | 'backup'
     cc: str = "cubic"  # 'cubic' | 'newreno' | 'bbr2' | 'bbr'

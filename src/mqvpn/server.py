@@ -167,7 +167,7 @@ class VpnServer:
             j.set_sysctl(nl, "net/ipv4/ip_forward", "1")
             if self.pool6 is not None:
                 j.set_sysctl(nl, "net/ipv6/conf/all/forwarding", "1")
-        if not getattr(s, "no_nat", False):
+        if getattr(s, "nat", True):
             table = f"mqvpn_nat_{s.tun_name}"
             j.record("nft_table", name=table, family="inet")
             nft.install_nat(table, str(s.subnet) if self.pool4 else None,

@@ -189,3 +189,27 @@ def test_server_sigterm_closes_clients_and_restores_host(vpn):
     assert vpn.run("srv", "ip", "link", "show", "mqvpn0").returncode != 0
     # the client learns at once (CONNECTION_CLOSE) and, with --no-reconnect, exits
     vpn.wait_for(lambda: vpn.procs[-1].poll() is not None, 10, "client exit")
+
+
+def test_ipv6_inside_the_tunnel(vpn):
+    lab = vpn.lab
+    vpn.start_server("--subnet6", "fd99::/112")
+    vpn.start_client()
+    vpn.wait_tunnel()
+    vpn.wait_for(lambda: any(a.startswith("fd99::") for a in vpn.addresses("cli", "mqvpn0")), 10, "IPv6 address")
+    assert "fd99::2/128" in vpn.addresses("cli", "mqvpn0")
+    assert vpn.mtu("cli", "mqvpn0") >= 1280  # RFC 9484 §10.1: IPv6 needs a 1280-byte tunnel MTU
+    routes6 = vpn.routes("cli", "-6")
+    assert any(r.startswith("::/1 dev mqvpn0") for r in routes6) and any(r.startswith("8000::/1 dev mqvpn0")
+                                                                          for r in routes6)
+    res = vpn.run("cli", "ping", "-6", "-n", "-c", "3", "-i", "0.2", "-W", "2", lab.inet_addr6, timeout=20)
+    assert res.returncode == 0, res.stdout + res.stderr + vpn.log("client.log")
+
+
+def test_no_nat_leaves_the_server_firewall_alone(vpn):
+    vpn.start_server("--no-nat")
+    vpn.start_client()
+    vpn.wait_tunnel()
+    assert "mqvpn_nat" not in vpn.run("srv", "nft", "-j", "list", "tables").stdout
+    # without NAT the internet host has no route back to the client subnet: no reply (as the user asked)
+    assert ping(vpn, "cli", vpn.lab.inet_addr, 2).returncode != 0
