@@ -213,3 +213,12 @@ def test_no_nat_leaves_the_server_firewall_alone(vpn):
     assert "mqvpn_nat" not in vpn.run("srv", "nft", "-j", "list", "tables").stdout
     # without NAT the internet host has no route back to the client subnet: no reply (as the user asked)
     assert ping(vpn, "cli", vpn.lab.inet_addr, 2).returncode != 0
+
+
+def test_no_manage_routes_leaves_routing_alone(vpn):
+    vpn.start_server()
+    before = vpn.routes("cli")
+    vpn.start_client("cli", "--no-manage-routes")
+    vpn.wait_tunnel(routes=False)
+    time.sleep(0.5)
+    assert vpn.routes("cli") == before  # nothing added: not even the server pin or the split routes
