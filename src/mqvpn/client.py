@@ -153,6 +153,8 @@ class VpnClient:
                 try:
                     await self._connect_once()
                 except TunnelError as exc:
+                    if self._stop.is_set():
+                        break  # SIGINT/SIGTERM while connecting: a clean exit
                     self.last_error = str(exc)
                     if not exc.retry:
                         _log.error("%s: not retrying (check the key)", exc)

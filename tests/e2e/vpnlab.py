@@ -123,7 +123,11 @@ class VpnLab:
         """Wait until the client has its tunnel address (and, with managed routes, its routes via the TUN)."""
         self.wait_for(lambda: self.addresses(role, dev), timeout, f"tunnel address on {dev} in {role}")
         if routes:
-            self.wait_for(lambda: any(f"dev {dev}" in r for r in self.routes(role)), 5, f"routes via {dev}")
+            def split_routes() -> bool:
+                current = self.routes(role)
+                return all(any(r.startswith(f"{dst} dev {dev}") for r in current) for dst in ("0.0.0.0/1", "128.0.0.0/1"))
+
+            self.wait_for(split_routes, 5, f"routes via {dev}")
         return self.addresses(role, dev)[0]
 
     def stop(self, p: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10) -> int:

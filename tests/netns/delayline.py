@@ -80,7 +80,11 @@ def build() -> Path:
         cache.mkdir(mode=0o755, exist_ok=True)
         tmp = cache / f"delayline.{os.getpid()}.{threading.get_ident()}.tmp"
         res = subprocess.run(
-            [gcc, "-O2", "-Wall", "-pthread", "-o", str(tmp), str(SOURCE)], capture_output=True, text=True, timeout=120
+            [gcc, "-O2", "-Wall", "-pthread", "-o", str(tmp), str(SOURCE)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         if res.returncode != 0:
             tmp.unlink(missing_ok=True)
@@ -92,7 +96,11 @@ def build() -> Path:
 def disable_offloads(ns: str, *ifnames: str) -> None:
     """Turn checksum/segmentation/GRO offloads off on interfaces of namespace ``ns``."""
     res = subprocess.run(
-        ["ip", "netns", "exec", ns, str(build()), "offload", *ifnames], capture_output=True, text=True, timeout=30
+        ["ip", "netns", "exec", ns, str(build()), "offload", *ifnames],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     if res.returncode != 0:
         raise DelayLineError(f"disabling offloads on {ifnames} in {ns} failed: {res.stderr.strip()}")

@@ -47,9 +47,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Self
 
 from tests.netns.delayline import DelayLine, PathImpairment, disable_offloads
 
@@ -106,13 +107,13 @@ def _start_time(pid: int) -> str | None:
 
 
 def _alive(pid: int, start: str | None) -> bool:
+    """Whether the process that wrote a record still runs (not a zombie, not a reused pid)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        pass
-    return start is None or _start_time(pid) == start
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[0] not in ("Z", "X") and (start is None or fields[19] == start)
 
 
 @contextlib.contextmanager
@@ -127,14 +128,14 @@ def _records_lock():
 
 
 def list_namespaces() -> list[str]:
-    res = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30)
+    res = subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True, timeout=30)
     return [line.split()[0] for line in res.stdout.splitlines() if line.strip()]
 
 
 def _kill_namespace(ns: str) -> None:
     """SIGKILL every process inside ``ns``, then delete it."""
     for _ in range(3):
-        res = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=30)
+        res = subprocess.run(["ip", "netns", "pids", ns], check=False, capture_output=True, text=True, timeout=30)
         pids = [int(p) for p in res.stdout.split() if p.isdigit()]
         if not pids:
             break
@@ -142,7 +143,7 @@ def _kill_namespace(ns: str) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.05)
-    subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+    subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True, timeout=30)
 
 
 def cleanup_stale() -> list[str]:
@@ -293,10 +294,10 @@ class Lab:
 
     # -- context manager -------------------------------------------------------------------
 
-    def __enter__(self) -> Lab:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -327,7 +328,7 @@ class Lab:
     ) -> subprocess.CompletedProcess:
         """Run a command in ``ns`` to completion (text output captured); killed after ``timeout``."""
         argv = self.exec_prefix(ns) + [str(c) for c in cmd]
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input, env=env)
+        res = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout, input=input, env=env)
         if check and res.returncode != 0:
             raise LabError(
                 f"{' '.join(argv)} exited {res.returncode}\nstdout: {res.stdout.strip()}\nstderr: {res.stderr.strip()}"
@@ -458,7 +459,9 @@ class Lab:
 
     def _ip(self, ns: str, lines: list[str], *, family: str | None = None) -> None:
         argv = ["ip", *([family] if family else []), "-n", self.nsname(ns), "-batch", "-"]
-        res = subprocess.run(argv, input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=30)
+        res = subprocess.run(
+            argv, check=False, input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=30
+        )
         if res.returncode != 0:
             raise LabError(f"{' '.join(argv)} failed: {res.stderr.strip()}\n" + "\n".join(lines))
 
@@ -468,6 +471,7 @@ class Lab:
     def _build(self) -> None:
         res = subprocess.run(
             ["ip", "-batch", "-"],
+            check=False,
             input="".join(f"netns add {name}\n" for name in self.ns.values()),
             capture_output=True,
             text=True,
@@ -509,10 +513,14 @@ class Lab:
             # Interface indexes differ between veth peers: the kernel takes a veth whose index
             # equals its peer's for a non-veth and then delays its carrier events up to 1 s.
             links += [
-                f"link add {up.rtr_port} index {20 + k} address {_mac(0x0C, k, 1)} type veth "
-                f"peer name {up.dev} index {10 + k} address {_mac(0x0A, k, 2)} netns {c}",
-                f"link add {up.rtr_inner} index {30 + k} address {_mac(0x0C, k, 2)} type veth "
-                f"peer name {up.rtr_dev} index {40 + k} address {_mac(0x0A, k, 1)}",
+                (
+                    f"link add {up.rtr_port} index {20 + k} address {_mac(0x0C, k, 1)} type veth "
+                    f"peer name {up.dev} index {10 + k} address {_mac(0x0A, k, 2)} netns {c}"
+                ),
+                (
+                    f"link add {up.rtr_inner} index {30 + k} address {_mac(0x0C, k, 2)} type veth "
+                    f"peer name {up.rtr_dev} index {40 + k} address {_mac(0x0A, k, 1)}"
+                ),
             ]
         links.append(f"link add srv0 index 50 type veth peer name {self.server_dev} index 51 netns {self.ns['srv']}")
         self._ip("rtr", links)
@@ -530,7 +538,8 @@ class Lab:
             self.ns["rtr"], *(d for up in self.client_uplinks for d in (up.rtr_dev, up.rtr_port, up.rtr_inner))
         )
 
-        cli, cli6, rtr, srv, srv6, inet = ["link set lo up"], [], ["link set lo up"], ["link set lo up"], [], ["link set lo up"]
+        cli, rtr, srv, inet = (["link set lo up"] for _ in range(4))
+        cli6: list[str] = []
         for up in self.client_uplinks:
             k = up.index
             cli += [
@@ -602,7 +611,9 @@ class Lab:
     def _wait_oper_up(self, ns: str, devs: list[str], timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            res = subprocess.run(["ip", "-n", self.nsname(ns), "-br", "link"], capture_output=True, text=True, timeout=30)
+            res = subprocess.run(
+                ["ip", "-n", self.nsname(ns), "-br", "link"], check=False, capture_output=True, text=True, timeout=30
+            )
             state = {line.split()[0].split("@")[0]: line.split()[1] for line in res.stdout.splitlines() if line.strip()}
             if all(state.get(d) == "UP" for d in devs):
                 return
@@ -652,10 +663,10 @@ class Lab:
 
 
 __all__ = [
+    "PROFILES",
     "Lab",
     "LabError",
     "PathImpairment",
-    "PROFILES",
     "Uplink",
     "cleanup_stale",
     "list_namespaces",
