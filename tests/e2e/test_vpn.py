@@ -198,6 +198,8 @@ def test_ipv6_inside_the_tunnel(vpn):
     vpn.wait_for(lambda: any(a.startswith("fd99::") for a in vpn.addresses("cli", "mqvpn0")), 10, "IPv6 address")
     assert "fd99::2/128" in vpn.addresses("cli", "mqvpn0")
     assert vpn.mtu("cli", "mqvpn0") >= 1280  # RFC 9484 §10.1: IPv6 needs a 1280-byte tunnel MTU
+    vpn.wait_for(lambda: sum(r.startswith(("::/1 dev mqvpn0", "8000::/1 dev mqvpn0")) for r in vpn.routes("cli", "-6"))
+                 == 2, 5, "IPv6 split routes")
     routes6 = vpn.routes("cli", "-6")
     assert any(r.startswith("::/1 dev mqvpn0") for r in routes6) and any(r.startswith("8000::/1 dev mqvpn0")
                                                                           for r in routes6)
