@@ -35,4 +35,4 @@ def test_server_restart_triggers_stateless_reset(test_pki):
     terminated, elapsed, sent = run(main(), 20)
     assert sent >= 1
     assert terminated and "reset" in terminated[0].reason_phrase
-    assert elapsed < 2.0
+    assert elapsed < 5.0  # not the 30 s idle timeout

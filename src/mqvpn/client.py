@@ -13,6 +13,7 @@ The kill switch stays while reconnecting and goes only on a clean exit.
 from __future__ import annotations
 
 import asyncio
+import os
 import ipaddress
 import logging
 import random
@@ -21,7 +22,7 @@ import socket
 from typing import Any
 
 from mqvpn.masque.connectip import AddressesAssigned, TunnelClosed
-from mqvpn.linux.journal import JournalBusy
+from mqvpn.linux.journal import JournalBusy, run_dir
 from mqvpn.quic.config import QuicConfiguration
 from mqvpn.quic.congestion.base import congestion_control_name
 from mqvpn.quic.events import MtuUpdated
@@ -133,13 +134,13 @@ class VpnClient:
         self._icmp_limiter = icmp.RateLimiter(ICMP_PER_SECOND, ICMP_PER_SECOND)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)
-        journal_path = f"/run/mqvpn/client-{s.tun_name}.journal"
+        journal_path = os.path.join(run_dir(), f"client-{s.tun_name}.journal")
         with Netlink() as nl:
             if ChangeJournal.recover(journal_path, nl):
                 _log.warning("undid the leftovers of a previous run that did not exit cleanly")
         from mqvpn.linux.dns import DnsOverride
 
-        if DnsOverride.restore_stale(backup_dir="/run/mqvpn", tun_name=s.tun_name):
+        if DnsOverride.restore_stale(backup_dir=run_dir(), tun_name=s.tun_name):
             _log.warning("restored /etc/resolv.conf from a previous run that did not exit cleanly")
         self.journal = ChangeJournal(journal_path)
         host, port = s.server
@@ -329,7 +330,7 @@ class VpnClient:
     def _apply_dns(self) -> None:
         from mqvpn.linux.dns import DnsOverride
 
-        self.dns = DnsOverride(list(self.settings.dns), self.tun.name, backup_dir="/run/mqvpn", journal=self.journal)
+        self.dns = DnsOverride(list(self.settings.dns), self.tun.name, backup_dir=run_dir(), journal=self.journal)
         self.dns.apply()
         _log.info("DNS: %s", ", ".join(self.settings.dns))
 

@@ -12,6 +12,7 @@ before it is done and undone on exit; a crashed run's leftovers are undone at th
 from __future__ import annotations
 
 import asyncio
+import os
 import logging
 import signal
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from mqvpn.masque.auth import KeyStore
 from mqvpn.masque.connectip import ConnectIpService, ServerSession
 from mqvpn.masque.pool import AddressPool
-from mqvpn.linux.journal import JournalBusy
+from mqvpn.linux.journal import JournalBusy, run_dir
 from mqvpn.quic.config import QuicConfiguration
 from mqvpn.quic.congestion.base import congestion_control_name
 from mqvpn.tunnel import ALPN_H3, TunnelServer
@@ -127,7 +128,7 @@ class VpnServer:
         s = self.settings
         loop = asyncio.get_running_loop()
         self._icmp_limiter = icmp.RateLimiter(ICMP_PER_SECOND, ICMP_PER_SECOND)
-        journal_path = f"/run/mqvpn/server-{s.tun_name}.journal"
+        journal_path = os.path.join(run_dir(), f"server-{s.tun_name}.journal")
         with Netlink() as nl:
             if ChangeJournal.recover(journal_path, nl):
                 _log.warning("undid the leftovers of a previous run that did not exit cleanly")

@@ -45,7 +45,11 @@ class TunnelServer:
         self.connections: dict[ConnectionHandle, ConnectIpServer] = {}
 
     async def start(self, listen: tuple, **endpoint_options: Any) -> tuple:
-        self.endpoint = await QuicEndpoint.serve(listen, self.configuration, self._on_connection, **endpoint_options)
+        if listen[0] in ("::", "[::]") and "socket_options" not in endpoint_options:
+            # the IPv6 wildcard serves IPv4 clients too (as ::ffff:a.b.c.d), like most daemons bound to [::]
+            endpoint_options["socket_options"] = {"dual_stack": True}
+        self.endpoint = await QuicEndpoint.serve((listen[0].strip("[]"), listen[1]), self.configuration,
+                                                 self._on_connection, **endpoint_options)
         return self.endpoint.local_addr
 
     def _on_connection(self, handle: ConnectionHandle) -> None:

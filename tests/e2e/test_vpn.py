@@ -223,3 +223,26 @@ def test_no_manage_routes_leaves_routing_alone(vpn):
     vpn.wait_tunnel(routes=False)
     time.sleep(0.5)
     assert vpn.routes("cli") == before  # nothing added: not even the server pin or the split routes
+
+
+def test_ipv6_underlay(vpn):
+    """Client and server talk QUIC over IPv6 (`--server [v6]:443`); the tunnel carries IPv4 as usual."""
+    lab = vpn.lab
+    vpn.start("srv", "--mode", "server", "--listen", f"[{lab.server_addr6}]:443", "--subnet", "10.99.0.0/24",
+              "--cert", vpn.pki.cert, "--key", vpn.pki.key, "--auth-key", KEY, log="server.log")
+    vpn.wait_for(lambda: "listening on" in vpn.log("server.log"), 10, "server up")
+    vpn.start("cli", "--mode", "client", "--server", f"[{lab.server_addr6}]:443", "--auth-key", KEY, "--ca",
+              vpn.pki.ca, "--tls-server-name", "localhost", log="client.log")
+    assert vpn.wait_tunnel() == "10.99.0.2/32"
+    assert any(r.startswith(lab.server_addr6) for r in vpn.routes("cli", "-6"))  # the server pinned via IPv6
+    assert ping(vpn, "cli", lab.inet_addr).returncode == 0
+
+
+def test_server_on_the_ipv6_wildcard_serves_ipv4_clients(vpn):
+    lab = vpn.lab
+    vpn.start("srv", "--mode", "server", "--listen", "[::]:443", "--subnet", "10.99.0.0/24",
+              "--cert", vpn.pki.cert, "--key", vpn.pki.key, "--auth-key", KEY, log="server.log")
+    vpn.wait_for(lambda: "listening on" in vpn.log("server.log"), 10, "server up")
+    vpn.start_client()
+    assert vpn.wait_tunnel() == "10.99.0.2/32"
+    assert ping(vpn, "cli", lab.inet_addr).returncode == 0

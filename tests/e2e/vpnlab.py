@@ -68,7 +68,7 @@ class VpnLab:
         from tests.netns.lab import VENV_PYTHON
 
         out = open(self.tmp / log, "w")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", MQVPN_RUN_DIR=str(self.tmp / "run"))
         p = subprocess.Popen(["ip", "netns", "exec", self.ns(role), str(VENV_PYTHON), "-m", "mqvpn", *args],
                              stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.procs.append(p)

@@ -38,6 +38,11 @@ __all__ = ["ChangeJournal", "JournalBusy", "journal_path", "RUN_DIR", "KINDS"]
 
 RUN_DIR = "/run/mqvpn"
 
+
+def run_dir() -> str:
+    """Where journals and backups live: /run/mqvpn, or $MQVPN_RUN_DIR (tests give every run its own)."""
+    return os.environ.get("MQVPN_RUN_DIR") or RUN_DIR
+
 # kind -> (required fields, optional fields with their defaults)
 KINDS: dict[str, tuple[tuple[str, ...], dict]] = {
     "route_added": (("dst",), {"dev": None, "gateway": None, "table": None, "metric": None}),
