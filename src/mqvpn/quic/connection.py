@@ -212,7 +212,6 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
         self._rx_path: Path = self._path0
         self._rx_epoch = INITIAL
         self._rx_ack_eliciting = False
-        self._rx_probing_only = True
         self._handlers = self._frame_handlers()
         self._qlog = cfg.qlog
 
@@ -504,7 +503,6 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
             self._rx_path = path
             self._rx_epoch = epoch
             self._rx_ack_eliciting = False
-            self._rx_probing_only = True
             try:
                 self._process_frames(payload, EPOCH_BITS[epoch], space, now)
             except QuicProtocolError as exc:
@@ -536,6 +534,7 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
         buf = Buffer(data=payload)
         handlers = self._handlers
         allowed = F.frame_allowed
+        ack_eliciting = F.ACK_ELICITING
         end = len(payload)
         if end == 0:
             raise QuicProtocolError(QuicErrorCode.PROTOCOL_VIOLATION, "packet without frames")
@@ -554,6 +553,8 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
                     raise QuicProtocolError(QuicErrorCode.PROTOCOL_VIOLATION,
                                             "frame not allowed in this packet type", frame_type)
                 handler(buf, frame_type, space)
+                if frame_type in ack_eliciting:
+                    self._rx_ack_eliciting = True
         except BufferReadError:
             raise QuicProtocolError(QuicErrorCode.FRAME_ENCODING_ERROR, "truncated frame", None) from None
 

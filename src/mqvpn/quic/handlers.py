@@ -53,7 +53,7 @@ class FrameHandlersMixin:
     # --- frame handlers: (buf positioned after the type, frame type, packet number space) ---
 
     def _on_ping(self, buf, frame_type, space) -> None:
-        self._rx_ack_eliciting = True
+        """Nothing to do: a PING only elicits an ACK (the frame loop notes that for every ack-eliciting type)."""
 
     def _on_ack(self, buf, frame_type, space) -> None:
         ack = F.pull_ack(buf, frame_type == F.FrameType.ACK_ECN)
@@ -92,8 +92,6 @@ class FrameHandlersMixin:
         if offset + length > (1 << 62) - 1:
             raise QuicProtocolError(QuicErrorCode.FRAME_ENCODING_ERROR, "crypto offset too large", frame_type)
         data = buf.pull_bytes(length)
-        self._rx_ack_eliciting = True
-        self._rx_probing_only = False
         epoch = self._rx_epoch
         receiver = self._crypto[epoch].receiver
         try:
@@ -114,14 +112,11 @@ class FrameHandlersMixin:
 
     def _on_new_token(self, buf, frame_type, space) -> None:
         F.pull_new_token(buf)
-        self._rx_ack_eliciting = True
         if not self.is_client:
             raise QuicProtocolError(QuicErrorCode.PROTOCOL_VIOLATION, "NEW_TOKEN from a client", frame_type)
 
     def _on_stream(self, buf, frame_type, space) -> None:
         stream_id, offset, data, fin = F.pull_stream(buf, frame_type)
-        self._rx_ack_eliciting = True
-        self._rx_probing_only = False
         stream = self._get_or_open_peer_stream(stream_id, frame_type)
         if stream is None:
             return
@@ -156,8 +151,6 @@ class FrameHandlersMixin:
         stream_id = buf.pull_uint_var()
         error_code = buf.pull_uint_var()
         final_size = buf.pull_uint_var()
-        self._rx_ack_eliciting = True
-        self._rx_probing_only = False
         stream = self._get_or_open_peer_stream(stream_id, frame_type)
         if stream is None:
             return
@@ -174,8 +167,6 @@ class FrameHandlersMixin:
     def _on_stop_sending(self, buf, frame_type, space) -> None:
         stream_id = buf.pull_uint_var()
         error_code = buf.pull_uint_var()
-        self._rx_ack_eliciting = True
-        self._rx_probing_only = False
         stream = self._get_or_open_peer_stream(stream_id, frame_type)
         if stream is None:
             return
@@ -189,16 +180,12 @@ class FrameHandlersMixin:
 
     def _on_max_data(self, buf, frame_type, space) -> None:
         value = buf.pull_uint_var()
-        self._rx_ack_eliciting = True
-        self._rx_probing_only = False
         if value > self._remote_max_data:
             self._remote_max_data = value
 
     def _on_max_stream_data(self, buf, frame_type, space) -> None:
         stream_id = buf.pull_uint_var()
         value = buf.pull_uint_var()
-        self._rx_ack_eliciting = True
-        self._rx_probing_only = False
         stream = self._get_or_open_peer_stream(stream_id, frame_type)
         if stream is None:
             return
@@ -211,8 +198,6 @@ class FrameHandlersMixin:
 
     def _on_max_streams(self, buf, frame_type, space) -> None:
         value = buf.pull_uint_var()
-        self._rx_ack_eliciting = True
-        self._rx_probing_only = False
         if value > 1 << 60:
             raise QuicProtocolError(QuicErrorCode.FRAME_ENCODING_ERROR, "MAX_STREAMS too large", frame_type)
         kind = 0 if frame_type == F.FrameType.MAX_STREAMS_BIDI else 1
@@ -221,14 +206,10 @@ class FrameHandlersMixin:
 
     def _on_blocked(self, buf, frame_type, space) -> None:
         buf.pull_uint_var()
-        self._rx_ack_eliciting = True
-        self._rx_probing_only = False
 
     def _on_stream_data_blocked(self, buf, frame_type, space) -> None:
         stream_id = buf.pull_uint_var()
         buf.pull_uint_var()
-        self._rx_ack_eliciting = True
-        self._rx_probing_only = False
         stream = self._get_or_open_peer_stream(stream_id, frame_type)
         if stream is not None and stream.receiver is None:
             raise QuicProtocolError(QuicErrorCode.STREAM_STATE_ERROR, "STREAM_DATA_BLOCKED on a send-only stream",
@@ -236,14 +217,11 @@ class FrameHandlersMixin:
 
     def _on_streams_blocked(self, buf, frame_type, space) -> None:
         value = buf.pull_uint_var()
-        self._rx_ack_eliciting = True
-        self._rx_probing_only = False
         if value > 1 << 60:
             raise QuicProtocolError(QuicErrorCode.FRAME_ENCODING_ERROR, "STREAMS_BLOCKED too large", frame_type)
 
     def _on_new_connection_id(self, buf, frame_type, space) -> None:
         seq, retire_prior_to, cid, token = F.pull_new_connection_id(buf)
-        self._rx_ack_eliciting = True
         if not self._path0.peer_cid.cid:
             raise QuicProtocolError(QuicErrorCode.PROTOCOL_VIOLATION, "NEW_CONNECTION_ID with zero-length CIDs",
                                     frame_type)
@@ -251,7 +229,6 @@ class FrameHandlersMixin:
 
     def _on_retire_connection_id(self, buf, frame_type, space) -> None:
         seq = buf.pull_uint_var()
-        self._rx_ack_eliciting = True
         if seq >= self._host_cid_seq:
             raise QuicProtocolError(QuicErrorCode.PROTOCOL_VIOLATION, "retiring a CID never issued", frame_type)
         record = self._host_cids.get(seq)
@@ -264,12 +241,10 @@ class FrameHandlersMixin:
 
     def _on_path_challenge(self, buf, frame_type, space) -> None:
         data = buf.pull_bytes(8)
-        self._rx_ack_eliciting = True
         self._rx_path.responses.append(data)
 
     def _on_path_response(self, buf, frame_type, space) -> None:
         data = buf.pull_bytes(8)
-        self._rx_ack_eliciting = True
         for path in self._paths.values():
             if path.challenge == data:
                 path.challenge = None
@@ -287,7 +262,6 @@ class FrameHandlersMixin:
         self._enter_draining(self._now)
 
     def _on_handshake_done(self, buf, frame_type, space) -> None:
-        self._rx_ack_eliciting = True
         if not self.is_client:
             raise QuicProtocolError(QuicErrorCode.PROTOCOL_VIOLATION, "HANDSHAKE_DONE from a client", frame_type)
         if not self._handshake_confirmed:
@@ -299,8 +273,6 @@ class FrameHandlersMixin:
         else:
             end = buf.capacity
             data = buf.pull_bytes(end - buf.tell())
-        self._rx_ack_eliciting = True
-        self._rx_probing_only = False
         if self.configuration.max_datagram_frame_size is None:
             raise QuicProtocolError(QuicErrorCode.PROTOCOL_VIOLATION, "DATAGRAM not negotiated", frame_type)
         if len(data) + 3 > self.configuration.max_datagram_frame_size:
