@@ -65,14 +65,14 @@ class Pair:
         """Deadlines of layers above QUIC (subclasses); step() wakes up for them too."""
         return []
 
-    def step(self) -> bool:
-        """Advance to the next arrival or timer; returns False when nothing is left to do."""
+    def step(self, deadline: float | None = None) -> bool:
+        """Advance to the next arrival or timer (never past ``deadline``); False when nothing is left to do."""
         self._flush()
         candidates = [t for t, _, _ in self.in_flight] + self._extra_timers()
         for conn in (self.client, self.server):
             if conn is not None and (t := conn.get_timer()) is not None:
                 candidates.append(t)
-        if not candidates:
+        if not candidates or (deadline is not None and min(candidates) > deadline):
             return False
         self.now = max(self.now, min(candidates))
         arrived = [p for p in self.in_flight if p[0] <= self.now]
@@ -100,5 +100,5 @@ class Pair:
                 return
             if self.now - start > max_time:
                 return
-            if not self.step():
+            if not self.step(start + max_time):
                 return

@@ -29,12 +29,21 @@ class CidMixin:
         return path
 
     def _new_host_cid(self, announce: bool = True, path_id: int = 0) -> CidRecord:
+        """Issue one of our CIDs. Path 0 uses NEW_CONNECTION_ID's sequence space; every other path ID has its own
+        (draft-ietf-quic-multipath §3.2) and goes out in PATH_NEW_CONNECTION_ID."""
         cid = os.urandom(self._cid_len)
         while cid in self._cid_to_path:
             cid = os.urandom(self._cid_len)
-        record = CidRecord(cid, self._host_cid_seq, stateless_reset_token(self._reset_key, cid), path_id)
-        self._host_cid_seq += 1
-        self._host_cids[record.seq] = record
+        if path_id == 0:
+            seq = self._host_cid_seq
+            self._host_cid_seq += 1
+            table = self._host_cids
+        else:
+            seq = self._mp_host_seq.get(path_id, 0)
+            self._mp_host_seq[path_id] = seq + 1
+            table = self._mp_host_cids.setdefault(path_id, {})
+        record = CidRecord(cid, seq, stateless_reset_token(self._reset_key, cid), path_id)
+        table[seq] = record
         self._cid_to_path[cid] = path_id
         if announce:
             self._new_cid_pending.append(record)
@@ -47,12 +56,45 @@ class CidMixin:
             limit = min(self._peer_params.active_connection_id_limit, 8)
         while sum(1 for r in self._host_cids.values() if not r.retired) < limit:
             self._new_host_cid()
+        if self._multipath:
+            # CIDs for every path ID both sides allow, without gaps, so the client can open paths (§3.2); the
+            # active_connection_id_limit counts per path
+            per_path = min(limit, 2)
+            for path_id in range(1, min(self._local_max_path_id, self._peer_max_path_id) + 1):
+                issued = self._mp_host_cids.get(path_id, {})
+                while sum(1 for r in issued.values() if not r.retired) < per_path:
+                    self._new_host_cid(path_id=path_id)
+                    issued = self._mp_host_cids[path_id]
 
     def _retire_host_cid(self, record: CidRecord) -> None:
         record.retired = True
-        del self._host_cids[record.seq]
+        table = self._host_cids if record.path_id == 0 else self._mp_host_cids.get(record.path_id, {})
+        table.pop(record.seq, None)
         self._cid_to_path.pop(record.cid, None)
         self._events.append(ev.ConnectionIdRetired(record.cid))
+
+    def _add_path_peer_cid(self, path_id: int, seq: int, retire_prior_to: int, cid: bytes, token: bytes,
+                           frame_type: int) -> None:
+        """A PATH_NEW_CONNECTION_ID for a path ID other than 0 (path 0 shares NEW_CONNECTION_ID's space)."""
+        records = self._mp_peer_cids.setdefault(path_id, [])
+        if any(r.seq == seq for r in records):
+            return  # duplicate
+        keep = []
+        for record in records:
+            if record.seq < retire_prior_to and not record.in_use:
+                self._mp_retire_pending.append((path_id, record.seq))
+                self._reset_tokens.discard(record.reset_token)
+            else:
+                keep.append(record)
+        if seq < retire_prior_to:
+            self._mp_retire_pending.append((path_id, seq))
+        else:
+            keep.append(CidRecord(cid, seq, token, path_id))
+            self._reset_tokens.add(token)
+        self._mp_peer_cids[path_id] = keep
+        if len(keep) > self.configuration.active_connection_id_limit:
+            raise QuicProtocolError(QuicErrorCode.CONNECTION_ID_LIMIT_ERROR, "too many connection IDs for a path",
+                                    frame_type)
 
     def _add_peer_cid(self, seq: int, retire_prior_to: int, cid: bytes, token: bytes, frame_type: int) -> None:
         if seq in self._peer_cid_seqs:

@@ -101,6 +101,16 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
         self._retire_pending: list[int] = []
         self._new_cid_pending: list[CidRecord] = []
         self._reset_tokens: set[bytes] = set()
+        # multipath (draft-ietf-quic-multipath): on when both sides sent initial_max_path_id
+        self._multipath = False
+        self._local_max_path_id = cfg.initial_max_path_id or 0
+        self._peer_max_path_id = 0
+        self._mp_host_cids: dict[int, dict[int, CidRecord]] = {}  # path id (>= 1) -> seq -> our CID
+        self._mp_host_seq: dict[int, int] = {}
+        self._mp_peer_cids: dict[int, list[CidRecord]] = {}  # path id (>= 1) -> the peer's CIDs for it
+        self._mp_retire_pending: list[tuple[int, int]] = []  # (path id, seq) for PATH_RETIRE_CONNECTION_ID
+        self.path_acks_received = 0
+        self._path_status: dict[int, tuple[int, bool]] = {}  # path id -> (status seq, available)
         host = self._new_host_cid(announce=False)
         self.host_cid = host.cid  # our SCID of the handshake
 
@@ -241,6 +251,11 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
     @property
     def peer_transport_parameters(self) -> TransportParameters | None:
         return self._peer_params
+
+    @property
+    def multipath(self) -> bool:
+        """Both sides offered the multipath extension (initial_max_path_id)."""
+        return self._multipath
 
     @property
     def peer_max_datagram_frame_size(self) -> int | None:

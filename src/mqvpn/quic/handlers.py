@@ -45,6 +45,16 @@ class FrameHandlersMixin:
             F.FrameType.HANDSHAKE_DONE: self._on_handshake_done,
             F.FrameType.DATAGRAM: self._on_datagram,
             F.FrameType.DATAGRAM_WITH_LENGTH: self._on_datagram,
+            F.FrameType.PATH_ACK: self._on_path_ack,
+            F.FrameType.PATH_ACK_ECN: self._on_path_ack,
+            F.FrameType.PATH_NEW_CONNECTION_ID: self._on_path_new_connection_id,
+            F.FrameType.PATH_RETIRE_CONNECTION_ID: self._on_path_retire_connection_id,
+            F.FrameType.MAX_PATH_ID: self._on_max_path_id,
+            F.FrameType.PATHS_BLOCKED: self._on_paths_blocked,
+            F.FrameType.PATH_CIDS_BLOCKED: self._on_path_cids_blocked,
+            F.FrameType.PATH_STATUS_BACKUP: self._on_path_status,
+            F.FrameType.PATH_STATUS_AVAILABLE: self._on_path_status,
+            F.FrameType.PATH_ABANDON: self._on_path_abandon,
         }
         for t in range(0x08, 0x10):
             h[t] = self._on_stream
@@ -57,8 +67,79 @@ class FrameHandlersMixin:
 
     def _on_ack(self, buf, frame_type, space) -> None:
         ack = F.pull_ack(buf, frame_type == F.FrameType.ACK_ECN)
-        self._handle_ack(self._path0 if space.epoch != ONE_RTT else self._rx_path, space, ack.ranges,
-                         ack.ack_delay, frame_type)
+        # in 1-RTT, ACK acknowledges path 0 whichever path carried it (draft-ietf-quic-multipath §2.3)
+        path = self._path0
+        self._handle_ack(path, space if space.epoch != ONE_RTT else path.space, ack.ranges, ack.ack_delay,
+                         frame_type)
+
+    # --- multipath frames (draft-ietf-quic-multipath-21 §4): only once both sides negotiated the extension ---
+
+    def _check_path_id(self, path_id: int, frame_type: int) -> None:
+        if not self._multipath:
+            raise QuicProtocolError(QuicErrorCode.FRAME_ENCODING_ERROR, "multipath frame without negotiation",
+                                    frame_type)
+        if path_id > self._local_max_path_id:
+            raise QuicProtocolError(QuicErrorCode.PROTOCOL_VIOLATION, "path ID above our maximum", frame_type)
+
+    def _on_path_ack(self, buf, frame_type, space) -> None:
+        path_id, ack = F.pull_path_ack(buf, frame_type == F.FrameType.PATH_ACK_ECN)
+        self._check_path_id(path_id, frame_type)
+        self.path_acks_received += 1
+        path = self._paths.get(path_id)
+        if path is None or path.state == PathState.ABANDONED:
+            return  # a path we no longer (or never) keep state for: ignored (§4)
+        self._handle_ack(path, path.space, ack.ranges, ack.ack_delay, frame_type)
+
+    def _on_path_new_connection_id(self, buf, frame_type, space) -> None:
+        path_id, (seq, retire_prior_to, cid, token) = F.pull_path_new_connection_id(buf)
+        self._check_path_id(path_id, frame_type)
+        if path_id == 0:
+            self._add_peer_cid(seq, retire_prior_to, cid, token, frame_type)
+        else:
+            self._add_path_peer_cid(path_id, seq, retire_prior_to, cid, token, frame_type)
+
+    def _on_path_retire_connection_id(self, buf, frame_type, space) -> None:
+        path_id, seq = F.pull_path_retire_connection_id(buf)
+        self._check_path_id(path_id, frame_type)
+        table = self._host_cids if path_id == 0 else self._mp_host_cids.get(path_id, {})
+        issued = self._host_cid_seq if path_id == 0 else self._mp_host_seq.get(path_id, 0)
+        if seq >= issued:
+            raise QuicProtocolError(QuicErrorCode.PROTOCOL_VIOLATION, "retiring a CID never issued", frame_type)
+        record = table.get(seq)
+        if record is not None:
+            self._retire_host_cid(record)
+            self._replenish_host_cids()  # answered with a replacement for that path (§3.2)
+
+    def _on_max_path_id(self, buf, frame_type, space) -> None:
+        value = F.pull_max_path_id(buf)
+        self._check_path_id(0, frame_type)
+        if value > self._peer_max_path_id:  # a non-increasing value is ignored
+            self._peer_max_path_id = value
+            self._replenish_host_cids()
+
+    def _on_paths_blocked(self, buf, frame_type, space) -> None:
+        F.pull_paths_blocked(buf)
+        self._check_path_id(0, frame_type)
+
+    def _on_path_cids_blocked(self, buf, frame_type, space) -> None:
+        path_id, _next_seq = F.pull_path_cids_blocked(buf)
+        self._check_path_id(path_id, frame_type)
+        self._replenish_host_cids()
+
+    def _on_path_status(self, buf, frame_type, space) -> None:
+        path_id, seq = F.pull_path_status(buf, frame_type == F.FrameType.PATH_STATUS_AVAILABLE)
+        self._check_path_id(path_id, frame_type)
+        # advisory; the scheduler (backup paths) will read it -- kept per path ID, newest sequence number wins
+        last = self._path_status.get(path_id)
+        if last is None or seq > last[0]:
+            self._path_status[path_id] = (seq, frame_type == F.FrameType.PATH_STATUS_AVAILABLE)
+
+    def _on_path_abandon(self, buf, frame_type, space) -> None:
+        path_id, _error_code = F.pull_path_abandon(buf)
+        self._check_path_id(path_id, frame_type)
+        path = self._paths.get(path_id)
+        if path is not None and path.state != PathState.ABANDONED:
+            path.state = PathState.ABANDONED
 
     def _handle_ack(self, path: Path, space: PacketSpace, ranges, ack_delay_raw: int, frame_type: int) -> None:
         if not ranges:

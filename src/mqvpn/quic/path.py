@@ -38,12 +38,13 @@ class PacketSpace:
 
     __slots__ = (
         "name", "epoch", "ack_queue", "largest_received", "largest_received_time", "ack_eliciting_pending",
-        "ack_at", "ack_now", "next_pn", "sent", "discarded", "probes", "rx_floor",
+        "ack_at", "ack_now", "next_pn", "sent", "discarded", "probes", "rx_floor", "path_id",
     )
 
-    def __init__(self, name: str, epoch: int) -> None:
+    def __init__(self, name: str, epoch: int, path_id: int | None = None) -> None:
         self.name = name
         self.epoch = epoch
+        self.path_id = path_id  # None for the Initial and Handshake spaces
         self.ack_queue = RangeSet()
         self.largest_received = -1
         self.largest_received_time = 0.0
@@ -93,7 +94,7 @@ class Path:
         self.validated = False
         self.bytes_received = 0
         self.bytes_sent = 0
-        self.space = PacketSpace(f"app{path_id}", 3)
+        self.space = PacketSpace(f"app{path_id}", 3, path_id)
         self.recovery = recovery
         self.peer_cid: CidRecord | None = None
         self.mtu = mtu  # largest UDP payload known to work on this path

@@ -386,7 +386,9 @@ class SenderMixin:
         else:
             delay = 0
         buf = pkt.buf
-        if not F.push_ack(buf, space.ack_queue, max(delay, 0), max_size=buf.capacity - buf.tell()):
+        # with multipath, 1-RTT packet number spaces are acknowledged with PATH_ACK (path 0 too, §2.3)
+        path_id = space.path_id if self._multipath else None
+        if not F.push_ack(buf, space.ack_queue, max(delay, 0), max_size=buf.capacity - buf.tell(), path_id=path_id):
             return
         space.ack_now = False
         space.ack_at = None
@@ -413,6 +415,7 @@ class SenderMixin:
 
     def _has_control_frames(self, path: Path) -> bool:
         return bool(self._max_data_pending or self._stream_queue or self._new_cid_pending or self._retire_pending
+                    or self._mp_retire_pending
                     or self._handshake_done_pending or self._ping_pending or path.responses
                     or path.challenge is not None and path.challenge_sent_at is None
                     or self._local_max_streams_pending[0] or self._local_max_streams_pending[1]
@@ -456,12 +459,20 @@ class SenderMixin:
             buf.push_uint_var(self._remote_max_data)
             self._data_blocked_pending = False
             wrote = True
-        while self._new_cid_pending and room() >= 1 + 8 + 8 + 1 + 20 + 16:
+        while self._new_cid_pending and room() >= 4 + 8 + 8 + 8 + 1 + 20 + 16:
             record = self._new_cid_pending.pop(0)
             if record.retired:
                 continue
-            F.push_new_connection_id(buf, record.seq, 0, record.cid, record.reset_token)
+            if record.path_id:
+                F.push_path_new_connection_id(buf, record.path_id, record.seq, 0, record.cid, record.reset_token)
+            else:
+                F.push_new_connection_id(buf, record.seq, 0, record.cid, record.reset_token)
             handlers.append((self._on_new_cid_delivered, (record,)))
+            wrote = True
+        while self._mp_retire_pending and room() >= 17:
+            path_id, seq = self._mp_retire_pending.pop(0)
+            F.push_path_retire_connection_id(buf, path_id, seq)
+            handlers.append((self._on_path_retire_delivered, (path_id, seq)))
             wrote = True
         while self._retire_pending and room() >= 9:
             seq = self._retire_pending.pop(0)
@@ -609,6 +620,10 @@ class SenderMixin:
     def _on_new_cid_delivered(self, delivered: bool, record: CidRecord) -> None:
         if not delivered and not record.retired:
             self._new_cid_pending.append(record)
+
+    def _on_path_retire_delivered(self, delivered: bool, path_id: int, seq: int) -> None:
+        if not delivered:
+            self._mp_retire_pending.append((path_id, seq))
 
     def _on_retire_delivered(self, delivered: bool, seq: int) -> None:
         if not delivered:

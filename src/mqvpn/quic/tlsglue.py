@@ -85,6 +85,7 @@ class TlsMixin:
             active_connection_id_limit=cfg.active_connection_id_limit,
             initial_source_connection_id=host0.cid,
             max_datagram_frame_size=cfg.max_datagram_frame_size,
+            initial_max_path_id=cfg.initial_max_path_id,
         )
         if not self.is_client:
             params.original_destination_connection_id = self._original_dcid
@@ -130,6 +131,12 @@ class TlsMixin:
             if params.initial_source_connection_id != self._path0.peer_cid.cid:
                 raise QuicProtocolError(QuicErrorCode.TRANSPORT_PARAMETER_ERROR, "initial_source_connection_id mismatch")
         self._peer_params = params
+        if self.configuration.initial_max_path_id is not None and params.initial_max_path_id is not None:
+            if not self._cid_len or not self._path0.peer_cid.cid:
+                raise QuicProtocolError(QuicErrorCode.PROTOCOL_VIOLATION,
+                                        "multipath needs non-zero-length connection IDs")
+            self._multipath = True
+            self._peer_max_path_id = params.initial_max_path_id
         if self._qlog is not None:
             self._qlog.event(self._now, "quic:parameters_set", {
                 "owner": "remote", "max_idle_timeout": params.max_idle_timeout,
