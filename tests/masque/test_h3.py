@@ -169,7 +169,7 @@ class H3Pair:
             if until is not None and until():
                 return
             p._flush()
-            times = [t for t, _, _ in p.in_flight]
+            times = [entry[0] for entry in p.in_flight]
             times += [t for conn in (p.client, p.server) if conn is not None and (t := conn.get_timer()) is not None]
             if not times or min(times) > deadline:
                 return

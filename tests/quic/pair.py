@@ -36,6 +36,7 @@ class Pair:
         self.delivered = 0
         self.dropped = 0
         self.client_addr = CLIENT_ADDR  # change it to simulate a NAT rebinding
+        self.blackhole: set = set()  # client-side addresses whose packets vanish (a dead uplink)
         self.max_size: int | None = None  # path MTU: larger datagrams are dropped on the wire
         self.sent_sizes = {"client": [], "server": []}
 
@@ -46,7 +47,7 @@ class Pair:
         for conn, to in ((self.client, "server"), (self.server, "client")):
             if conn is None:
                 continue
-            for data, addr, _local in conn.datagrams_to_send(self.now):
+            for data, addr, local in conn.datagrams_to_send(self.now):
                 self.sent_sizes["server" if to == "client" else "client"].append(len(data))
                 if self.max_size is not None and len(data) > self.max_size:
                     self.dropped += 1
@@ -54,7 +55,13 @@ class Pair:
                 if self.loss and self.rng.random() < self.loss:
                     self.dropped += 1
                     continue
-                self.in_flight.append((self.now + self.rtt / 2, to, data))
+                # the client's side of the path: the local address a client path was opened with (multipath),
+                # else client_addr (which a test may change to play a NAT rebinding); to the client: where it went
+                client_side = (local if local is not None else self.client_addr) if to == "server" else addr
+                if client_side in self.blackhole:
+                    self.dropped += 1
+                    continue
+                self.in_flight.append((self.now + self.rtt / 2, to, data, client_side))
         for conn, events in ((self.client, self.client_events), (self.server, self.server_events)):
             if conn is None:
                 continue
@@ -68,7 +75,7 @@ class Pair:
     def step(self, deadline: float | None = None) -> bool:
         """Advance to the next arrival or timer (never past ``deadline``); False when nothing is left to do."""
         self._flush()
-        candidates = [t for t, _, _ in self.in_flight] + self._extra_timers()
+        candidates = [p[0] for p in self.in_flight] + self._extra_timers()
         for conn in (self.client, self.server):
             if conn is not None and (t := conn.get_timer()) is not None:
                 candidates.append(t)
@@ -77,16 +84,16 @@ class Pair:
         self.now = max(self.now, min(candidates))
         arrived = [p for p in self.in_flight if p[0] <= self.now]
         self.in_flight = [p for p in self.in_flight if p[0] > self.now]
-        for _, to, data in arrived:
+        for _, to, data, client_side in arrived:
             self.delivered += 1
             if to == "server":
                 if self.server is None:
                     header = parse_header(data, 0, 8)
                     self.server = QuicConnection(self.server_cfg, original_destination_connection_id=header.dcid,
                                                  peer_initial_cid=header.scid)
-                self.server.receive_datagram(data, self.client_addr, self.now, SERVER_ADDR)
+                self.server.receive_datagram(data, client_side, self.now, SERVER_ADDR)
             else:
-                self.client.receive_datagram(data, SERVER_ADDR, self.now, self.client_addr)
+                self.client.receive_datagram(data, SERVER_ADDR, self.now, client_side)
         for conn in (self.client, self.server):
             if conn is not None and (t := conn.get_timer()) is not None and t <= self.now:
                 conn.handle_timer(self.now)

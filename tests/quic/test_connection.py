@@ -180,7 +180,8 @@ def test_initial_datagrams_padded(pki):
                     types.append(h.packet_type)
                     offset = h.packet_end
                 seen.append((who, len(data), types))
-                pair.in_flight.append((pair.now + pair.rtt / 2, "server" if who == "client" else "client", data))
+                pair.in_flight.append((pair.now + pair.rtt / 2, "server" if who == "client" else "client", data,
+                                       pair.client_addr))
         for conn, events in ((pair.client, pair.client_events), (pair.server, pair.server_events)):
             while conn is not None and (e := conn.next_event()) is not None:
                 events.append(e)

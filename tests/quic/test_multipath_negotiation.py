@@ -122,3 +122,55 @@ def test_path_retire_connection_id_gets_a_replacement(test_pki):
     after = pair.client._mp_host_cids[1]
     assert seq not in after and len(after) == len(before)  # replaced, same count
     assert before[seq].cid not in pair.client._cid_to_path
+
+
+PATH_B = ("10.0.1.1", 5000)
+
+
+def test_client_opens_a_second_path_and_it_carries_traffic_when_the_first_dies(test_pki):
+    pair = mp_pair(test_pki, 2, 2)
+    pair.run(max_time=0.5)
+    assert pair.client.open_path(PATH_B, SERVER_ADDR, pair.now) == 1
+    pair.run(until=lambda: any(isinstance(e, ev.PathValidated) and e.path_id == 1 for e in pair.client_events)
+             and any(isinstance(e, ev.PathValidated) and e.path_id == 1 for e in pair.server_events), max_time=2)
+    server_path = pair.server._paths[1]
+    assert server_path.remote_addr == PATH_B and server_path.validated
+    assert pair.client._paths[1].validated
+    # the two paths use different CIDs, packet number spaces and nonces (path ID 1)
+    assert pair.client._paths[1].peer_cid.cid != pair.client._paths[0].peer_cid.cid
+    # uplink A dies (the daemon sees carrier loss): the client abandons path 0; traffic moves to path 1
+    pair.blackhole.add(pair.client_addr)
+    assert pair.client.abandon_path(0)
+    pair.run(until=lambda: pair.server._paths[0].state == pair.server._paths[0].state.ABANDONED, max_time=2)
+    assert 0 in pair.server._abandoned_path_ids  # PATH_ABANDON travelled on path 1
+    got = []
+    pair.server.datagram_handler = got.append
+    for i in range(200):
+        pair.client.send_datagram_frame(i.to_bytes(4, "big") * 25)
+        pair.step()
+    pair.run(until=lambda: len(got) >= 150, max_time=3)
+    assert len(got) >= 150
+    assert server_path.packets_received > 100
+    # the path IDs used never come back: opening more finds none left (max 2 -> path 2 has CIDs, then none)
+    assert pair.client.open_path(("10.0.2.1", 5000), SERVER_ADDR, pair.now) == 2
+    assert pair.client.open_path(("10.0.3.1", 5000), SERVER_ADDR, pair.now) is None
+
+
+def test_no_paths_without_negotiation(test_pki):
+    pair = mp_pair(test_pki, None, None)
+    assert pair.client.open_path(PATH_B, SERVER_ADDR, pair.now) is None
+
+
+def test_close_travels_on_a_live_path_after_path_0_was_abandoned(test_pki):
+    pair = mp_pair(test_pki, 2, 2)
+    pair.run(max_time=0.5)
+    pair.client.open_path(PATH_B, SERVER_ADDR, pair.now)
+    pair.run(until=lambda: pair.client._paths[1].validated and 1 in pair.server._paths
+             and pair.server._paths[1].validated, max_time=2)
+    pair.blackhole.add(pair.client_addr)
+    pair.client.abandon_path(0)
+    pair.run(max_time=0.3)
+    pair.client.close(0, "bye")
+    pair.run(until=lambda: any(isinstance(e, ev.ConnectionTerminated) and e.by_peer for e in pair.server_events),
+             max_time=2)
+    assert any(isinstance(e, ev.ConnectionTerminated) and e.reason_phrase == "bye" for e in pair.server_events)

@@ -12,7 +12,7 @@ from mqvpn.quic.crypto import (
     stateless_reset_token,
 )
 from mqvpn.quic.errors import QuicErrorCode, QuicProtocolError
-from mqvpn.quic.path import CidRecord, Path
+from mqvpn.quic.path import CidRecord, Path, PathState
 from mqvpn.quic.recovery import Recovery
 
 
@@ -20,9 +20,13 @@ class CidMixin:
 
     def _new_path(self, path_id: int, local_addr, remote_addr) -> Path:
         cfg = self.configuration
+        peer_ack_delay = self._peer_params.max_ack_delay / 1000.0 if getattr(self, "_peer_params", None) else 0.025
         rec = Recovery(congestion_control=cfg.congestion_control, max_datagram_size=MIN_UDP_PAYLOAD,
-                       peer_max_ack_delay=0.025, initial_rtt=cfg.initial_rtt)
+                       peer_max_ack_delay=peer_ack_delay, initial_rtt=cfg.initial_rtt)
         rec.is_client = self.is_client
+        if path_id:  # paths after the handshake path start with the handshake confirmed
+            rec.handshake_confirmed = True
+            rec.peer_completed_address_validation = True
         path = Path(path_id, local_addr, remote_addr, rec, MIN_UDP_PAYLOAD)
         rec.spaces.append(path.space.sent)
         self._paths[path_id] = path
@@ -155,3 +159,62 @@ class CidMixin:
         if path is self._path0:
             self._terminate_now("path validation failed", QuicErrorCode.NO_VIABLE_PATH)
 
+    # --- multipath: opening paths (draft-ietf-quic-multipath §3.1) -------------------------------------------
+
+    def open_path(self, local_addr, remote_addr, now: float) -> int | None:
+        """Client: open a new path from ``local_addr`` (the key of the socket it uses) to ``remote_addr``.
+
+        Takes the lowest unused path ID for which both sides have issued CIDs; the path is validated with
+        PATH_CHALLENGE and carries DATAGRAMs once the response arrives. Returns the path ID, or None when
+        multipath was not negotiated or no path ID / CID is available yet.
+        """
+        if not (self.is_client and self._multipath and self._handshake_confirmed):
+            return None
+        self._now = now
+        for path_id in range(1, min(self._local_max_path_id, self._peer_max_path_id) + 1):
+            if path_id in self._paths or path_id in self._abandoned_path_ids:
+                continue
+            peer = next((r for r in self._mp_peer_cids.get(path_id, ()) if not r.in_use), None)
+            if peer is None or not self._mp_host_cids.get(path_id):
+                continue
+            return self._start_path(path_id, peer, local_addr, remote_addr)
+        return None
+
+    def _start_path(self, path_id: int, peer: CidRecord, local_addr, remote_addr) -> int:
+        path = self._new_path(path_id, local_addr, remote_addr)
+        peer.in_use = True
+        path.peer_cid = peer
+        path.state = PathState.VALIDATING
+        path.validated = False
+        path.challenge = os.urandom(8)
+        path.challenge_sent_at = None
+        path.challenge_tries = 0
+        return path_id
+
+    def _accept_path(self, path_id: int, local_addr, remote_addr) -> Path | None:
+        """Server: the first packet for a CID of a path ID not open yet opens that path (the client chose it)."""
+        if path_id in self._abandoned_path_ids or path_id > self._local_max_path_id:
+            return None
+        peer = next((r for r in self._mp_peer_cids.get(path_id, ()) if not r.in_use), None)
+        if peer is None:
+            return None  # we could not answer on it: the client opened a path we hold no CID for
+        self._start_path(path_id, peer, local_addr, remote_addr)
+        return self._paths[path_id]
+
+    def abandon_path(self, path_id: int, error_code: int = 0) -> bool:
+        """Stop using a path (its uplink went away): PATH_ABANDON goes out on another path and the path ID is never
+        used again. The connection lives on while another path does. False if there is no such live path."""
+        path = self._paths.get(path_id)
+        if not self._multipath or path is None or path.state == PathState.ABANDONED:
+            return False
+        self._abandon(path, error_code, announce=True)
+        return True
+
+    def _abandon(self, path: Path, error_code: int, announce: bool) -> None:
+        path.state = PathState.ABANDONED
+        self._abandoned_path_ids.add(path.path_id)
+        if announce:
+            self._path_abandon_pending.append((path.path_id, error_code))
+        if path is self._path0 or not any(p.state != PathState.ABANDONED for p in self._paths.values()):
+            pass  # the handshake path's object stays (Initial/Handshake spaces live there); sending skips it
+        self._update_datagram_room()

@@ -111,6 +111,8 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
         self._mp_retire_pending: list[tuple[int, int]] = []  # (path id, seq) for PATH_RETIRE_CONNECTION_ID
         self.path_acks_received = 0
         self._path_status: dict[int, tuple[int, bool]] = {}  # path id -> (status seq, available)
+        self._abandoned_path_ids: set[int] = set()  # never reused (the nonce must stay unique)
+        self._path_abandon_pending: list[tuple[int, int]] = []  # (path id, error code) for PATH_ABANDON
         host = self._new_host_cid(announce=False)
         self.host_cid = host.cid  # our SCID of the handshake
 
@@ -321,7 +323,7 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
         if not self._remote_max_datagram:
             self._datagram_room = 0
             return
-        mtu = min((p.mtu for p in self._paths.values() if p.state != PathState.ABANDONED), default=MIN_UDP_PAYLOAD)
+        mtu = min((p.mtu for p in self._paths.values() if p.state == PathState.ACTIVE), default=MIN_UDP_PAYLOAD)
         # the room must not change with the packet number length or the CID: count the largest of both
         room = mtu - (1 + 20 + MAX_PN_LEN) - AEAD_TAG_SIZE - 1
         self._datagram_room = max(0, min(room, self._remote_max_datagram - 1))
@@ -446,6 +448,8 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
                 self.packets_dropped += 1
             return
         path = self._paths.get(path_id)
+        if path is None and self._multipath and self._handshake_confirmed and not self.is_client:
+            path = self._accept_path(path_id, local_addr, remote_addr)
         if path is None or path.state == PathState.ABANDONED:
             self.packets_dropped += 1
             return
@@ -475,7 +479,9 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
         except QuicProtocolError as exc:
             self._protocol_error(exc)
             return
-        if remote_addr != path.remote_addr and path.remote_addr is not None:
+        # RFC 9000 §9.3: only the largest-numbered packet so far moves a path to a new address (a reordered
+        # packet from before a NAT rebinding must not move it back)
+        if remote_addr != path.remote_addr and path.remote_addr is not None and pn > space.largest_received:
             self._on_peer_address_change(path, remote_addr, local_addr)
         path.bytes_received += len(data) - offset
         self._process_packet(path, ONE_RTT, space, pn, payload, now)
@@ -727,9 +733,15 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
         else:
             self.state = ConnectionState.TERMINATED
 
+    def _close_path(self) -> Path:
+        """The path CONNECTION_CLOSE goes out on: the handshake path unless it was abandoned."""
+        if self._path0.state != PathState.ABANDONED:
+            return self._path0
+        return next((p for p in self._paths.values() if p.state != PathState.ABANDONED), self._path0)
+
     def _build_close_datagram(self) -> bytes | None:
         error_code, frame_type, reason, application = self._close_frame
-        path = self._path0
+        path = self._close_path()
         packets = []
         for epoch in (INITIAL, HANDSHAKE, ONE_RTT):
             if self._send_key[epoch] is None:

@@ -16,6 +16,7 @@ from mqvpn.quic.constants import (
     INITIAL,
     KEEPALIVE_PING,
     MAX_PN_LEN,
+    MIN_AMPLIFICATION_SEND,
     ONE_RTT,
     PMTUD_MAX_PROBES,
     PMTUD_RAISE_INTERVAL,
@@ -65,7 +66,8 @@ class SenderMixin:
             if self._close_needs_send and now - self._close_last_sent >= CLOSE_FRAME_RATE:
                 data = self._build_close_datagram()
                 if data:
-                    out.append((data, self._path0.remote_addr, self._path0.local_addr))
+                    path = self._close_path()
+                    out.append((data, path.remote_addr, path.local_addr))
                 self._close_last_sent = now
             self._close_needs_send = False
             return out
@@ -98,7 +100,7 @@ class SenderMixin:
         limit = None if path.validated or self.is_client else 3 * path.bytes_received - path.bytes_sent
         handshake_path = path is self._path0
         while True:
-            if limit is not None and limit < MIN_UDP_PAYLOAD and limit < 200:
+            if limit is not None and limit < MIN_AMPLIFICATION_SEND:
                 return
             datagram_size = path.mtu if self._handshake_confirmed else MIN_UDP_PAYLOAD
             if limit is not None:
@@ -254,8 +256,10 @@ class SenderMixin:
         if probe and pkt.ack_eliciting:
             space.probes -= 1
         pad_to = 0
-        if pad:
-            pad_to = MIN_UDP_PAYLOAD - coalesced
+        if pad or pkt.pad_to:
+            # RFC 9000 §8.2.1 / §14.1: 1200-byte datagrams for PATH_CHALLENGE/RESPONSE and Initials, unless the
+            # anti-amplification limit does not allow that much (then as large as it allows)
+            pad_to = min(MIN_UDP_PAYLOAD, coalesced + remaining) - coalesced
         return self._finish_short_packet(pkt, path, rec, now, pad_to)
 
     def _finish_short_packet(self, pkt: _Packet, path: Path, rec: Recovery, now: float, pad_to: int) -> bytes:
@@ -415,7 +419,7 @@ class SenderMixin:
 
     def _has_control_frames(self, path: Path) -> bool:
         return bool(self._max_data_pending or self._stream_queue or self._new_cid_pending or self._retire_pending
-                    or self._mp_retire_pending
+                    or self._mp_retire_pending or self._path_abandon_pending
                     or self._handshake_done_pending or self._ping_pending or path.responses
                     or path.challenge is not None and path.challenge_sent_at is None
                     or self._local_max_streams_pending[0] or self._local_max_streams_pending[1]
@@ -468,6 +472,11 @@ class SenderMixin:
             else:
                 F.push_new_connection_id(buf, record.seq, 0, record.cid, record.reset_token)
             handlers.append((self._on_new_cid_delivered, (record,)))
+            wrote = True
+        while self._path_abandon_pending and room() >= 17:
+            abandoned, code = self._path_abandon_pending.pop(0)
+            F.push_path_abandon(buf, abandoned, code)
+            handlers.append((self._on_path_abandon_delivered, (abandoned, code)))
             wrote = True
         while self._mp_retire_pending and room() >= 17:
             path_id, seq = self._mp_retire_pending.pop(0)
@@ -620,6 +629,10 @@ class SenderMixin:
     def _on_new_cid_delivered(self, delivered: bool, record: CidRecord) -> None:
         if not delivered and not record.retired:
             self._new_cid_pending.append(record)
+
+    def _on_path_abandon_delivered(self, delivered: bool, path_id: int, code: int) -> None:
+        if not delivered:
+            self._path_abandon_pending.append((path_id, code))
 
     def _on_path_retire_delivered(self, delivered: bool, path_id: int, seq: int) -> None:
         if not delivered:
