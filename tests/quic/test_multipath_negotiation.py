@@ -174,3 +174,28 @@ def test_close_travels_on_a_live_path_after_path_0_was_abandoned(test_pki):
     pair.run(until=lambda: any(isinstance(e, ev.ConnectionTerminated) and e.by_peer for e in pair.server_events),
              max_time=2)
     assert any(isinstance(e, ev.ConnectionTerminated) and e.reason_phrase == "bye" for e in pair.server_events)
+
+
+def test_a_silently_dead_path_is_abandoned_after_its_ptos_pile_up(test_pki):
+    pair = mp_pair(test_pki, 2, 2)
+    pair.run(max_time=0.5)
+    pair.client.open_path(PATH_B, SERVER_ADDR, pair.now)
+    pair.run(until=lambda: pair.client._paths[1].validated and 1 in pair.server._paths
+             and pair.server._paths[1].validated, max_time=2)
+    got = []
+    pair.server.datagram_handler = got.append
+    pair.blackhole.add(pair.client_addr)  # 100 % loss on path 0, link still "up": nobody tells the client
+    start = pair.now
+    for i in range(300):
+        pair.client.send_datagram_frame(i.to_bytes(4, "big") * 25)
+        pair.step(deadline=pair.now + 0.01)
+    pair.run(until=lambda: 0 in pair.client._abandoned_path_ids, max_time=10)
+    assert 0 in pair.client._abandoned_path_ids
+    assert pair.now - start < 5  # a few PTOs, not the idle timeout
+    # what went into the dead path before is lost (DATAGRAMs are never retransmitted); from now on all arrives
+    got.clear()
+    for i in range(100):
+        pair.client.send_datagram_frame(i.to_bytes(4, "big") * 25)
+        pair.step(deadline=pair.now + 0.01)
+    pair.run(until=lambda: len(got) == 100, max_time=3)
+    assert len(got) == 100 and pair.client.state == pair.client.state.CONNECTED

@@ -28,6 +28,7 @@ from mqvpn.quic.cids import CidMixin
 from mqvpn.quic.config import MIN_UDP_PAYLOAD, QuicConfiguration
 from mqvpn.quic.constants import (
     AEAD_TAG_SIZE,
+    DEAD_PATH_PTOS,
     EPOCH_BITS,
     HANDSHAKE,
     INITIAL,
@@ -37,6 +38,7 @@ from mqvpn.quic.constants import (
     ONE_RTT,
     PACKET_TYPE_EPOCH,
     PATH_CHALLENGE_TRIES,
+    PATH_UNSTABLE_OR_POOR,
     ConnectionState,
 )
 from mqvpn.quic.crypto import (
@@ -644,9 +646,11 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
                     if space is not None:
                         space.probes = 2 if space.epoch != ONE_RTT or rec.pto_count > 1 else 1
                         rec.reschedule(space_sent)
-                        if self.is_client and space.epoch != ONE_RTT and not self._handshake_complete:
-                            # anti-deadlock probes: an Initial without CRYPTO data still counts
-                            pass
+                    if (self._multipath and rec.pto_count >= DEAD_PATH_PTOS and self._handshake_confirmed
+                            and any(p is not path and p.state == PathState.ACTIVE for p in self._paths.values())):
+                        # its PTOs pile up while another path works: this path is dead, the connection is not
+                        self._abandon(path, PATH_UNSTABLE_OR_POOR, announce=True)
+                        continue
             if path.challenge_sent_at is not None and now >= path.challenge_sent_at + 3 * rec.pto_duration():
                 if path.challenge_tries >= PATH_CHALLENGE_TRIES:
                     path.challenge = None

@@ -74,7 +74,11 @@ class SenderMixin:
         if self._path0.remote_addr is None:
             return out
         self._pre_send(now)
-        for path in list(self._paths.values()):
+        paths = self._paths
+        # minrtt: the lowest-RTT path goes first (control frames, and DATAGRAMs until its window is full)
+        order = list(paths.values()) if len(paths) == 1 else sorted(paths.values(),
+                                                                     key=lambda p: p.recovery.rtt.smoothed_rtt)
+        for path in order:
             if path.state == PathState.ABANDONED:
                 continue
             self._send_on_path(path, now, out)
