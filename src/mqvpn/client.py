@@ -25,12 +25,13 @@ from mqvpn.masque.connectip import AddressesAssigned, TunnelClosed
 from mqvpn.linux.journal import JournalBusy, run_dir
 from mqvpn.quic.config import QuicConfiguration
 from mqvpn.quic.congestion.base import congestion_control_name
-from mqvpn.quic.events import MtuUpdated
+from mqvpn.quic.events import MtuUpdated, PathAbandoned, PathValidated
 from mqvpn.tunnel import ALPN_H3, Tunnel, TunnelError, open_tunnel
 
 _log = logging.getLogger("mqvpn.client")
 
 BACKOFF_MAX = 60.0
+DEFAULT_MAX_PATH_ID = 8  # path IDs are never reused: room for paths coming and going
 IPV6_MIN_MTU = 1280
 ICMP_PER_SECOND = 100
 SPLIT_ROUTES_V4 = ("0.0.0.0/1", "128.0.0.0/1")
@@ -51,6 +52,9 @@ def client_quic_configuration(settings: Any) -> QuicConfiguration:
         keepalive_interval=5.0,
         congestion_control=congestion_control_name(settings),
         datagram_queue_limit=1024,
+        # multipath (draft-ietf-quic-multipath-21) when the user gave more than one --path
+        initial_max_path_id=(settings.init_max_path_id or DEFAULT_MAX_PATH_ID) if len(settings.paths or ()) > 1
+        else None,
     )
     return cfg
 
@@ -80,6 +84,7 @@ class VpnClient:
         self._icmp_limiter = None
         self._addresses: list = []
         self._mtu = 0
+        self._path_names: dict[int, str] = {}  # path ID -> interface
 
     # --- data path -------------------------------------------------------------------------------------------
 
@@ -198,9 +203,11 @@ class VpnClient:
 
     async def _connect_once(self) -> None:
         s = self.settings
+        paths = list(s.paths or ())
+        options = {"bind_device": paths[0]} if paths else {}
         opening = asyncio.ensure_future(open_tunnel((self.server_ip, s.server[1]), client_quic_configuration(s),
                                                     auth_key=s.auth_key, on_packet=self._from_tunnel,
-                                                    authority=_authority(s.server)))
+                                                    authority=_authority(s.server), **options))
         stopper = asyncio.ensure_future(self._stop.wait())
         done, _ = await asyncio.wait({opening, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if opening not in done:
@@ -208,8 +215,41 @@ class VpnClient:
             raise TunnelError("stopped", retry=False)
         stopper.cancel()
         self.tunnel = opening.result()
-        _log.info("connected to %s:%d, address %s", s.server[0], s.server[1],
-                  ", ".join(str(a) for a in self.tunnel.addresses))
+        _log.info("connected to %s:%d%s, address %s", s.server[0], s.server[1],
+                  f" over {paths[0]}" if paths else "", ", ".join(str(a) for a in self.tunnel.addresses))
+        self._open_extra_paths(paths[1:])
+
+    def _path_name(self, path_id: int) -> str:
+        if path_id == 0:
+            return self.settings.paths[0] if self.settings.paths else "the default route"
+        return self._path_names.get(path_id, "?")
+
+    def _open_extra_paths(self, interfaces: list[str]) -> None:
+        """One UDP socket per further --path interface (SO_BINDTODEVICE), each a QUIC path of its own."""
+        tunnel = self.tunnel
+        quic = tunnel.handle.quic
+        if not interfaces:
+            return
+        if not quic.multipath:
+            _log.warning("the server does not support multipath QUIC: using %s only", self.settings.paths[0])
+            return
+        endpoint = tunnel.handle.endpoint
+        loop = asyncio.get_running_loop()
+        family_any = "::" if ":" in self.server_ip else "0.0.0.0"
+        for iface in interfaces:
+            try:
+                key = endpoint.open_socket((family_any, 0), bind_device=iface)
+            except OSError as exc:
+                _log.warning("path %s: cannot open a socket: %s", iface, exc)
+                continue
+            path_id = quic.open_path(key, (self.server_ip, self.settings.server[1]), loop.time())
+            if path_id is None:
+                _log.warning("path %s: no path ID available from the server yet", iface)
+                endpoint.close_socket(key)
+                continue
+            self._path_names[path_id] = iface
+            _log.info("path %d over %s: validating", path_id, iface)
+        tunnel.handle.transmit()
 
     async def _serve_tunnel(self) -> None:
         """Configure the host for the new tunnel, run until it closes or we are told to stop."""
@@ -255,6 +295,14 @@ class VpnClient:
 
     def _on_quic_event(self, event) -> None:
         if isinstance(event, MtuUpdated):
+            self._update_mtu()
+        elif isinstance(event, PathAbandoned):
+            why = "the server abandoned it" if event.by_peer else "not answering (PTOs piled up)" \
+                if event.error_code == 0x3E76 else "abandoned"
+            _log.warning("path %d over %s: down (%s)", event.path_id, self._path_name(event.path_id), why)
+            self._update_mtu()
+        elif isinstance(event, PathValidated) and event.path_id:
+            _log.info("path %d over %s: up", event.path_id, self._path_name(event.path_id))
             self._update_mtu()
 
     # --- host configuration ---------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ _log = logging.getLogger("mqvpn.server")
 
 DEFAULT_SERVER_MTU = 1400  # the reference's automatic server TUN MTU is 1382; ours follows the largest client room
 ICMP_PER_SECOND = 100
+DEFAULT_MAX_PATH_ID = 16
 
 
 def server_quic_configuration(settings: Any) -> QuicConfiguration:
@@ -38,6 +39,8 @@ def server_quic_configuration(settings: Any) -> QuicConfiguration:
         idle_timeout=120.0,  # like the reference; clients send keep-alives
         congestion_control=congestion_control_name(settings),
         datagram_queue_limit=1024,
+        # multipath clients may open paths: grant path IDs (they are never reused, so leave room)
+        initial_max_path_id=settings.init_max_path_id or DEFAULT_MAX_PATH_ID,
     )
     cfg.load_cert_chain(settings.cert, settings.key)
     return cfg

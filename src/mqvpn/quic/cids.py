@@ -210,11 +210,11 @@ class CidMixin:
         self._abandon(path, error_code, announce=True)
         return True
 
-    def _abandon(self, path: Path, error_code: int, announce: bool) -> None:
+    def _abandon(self, path: Path, error_code: int, announce: bool, by_peer: bool = False) -> None:
+        # the Path object stays (path 0 also holds the Initial/Handshake spaces); sending and timers skip it
         path.state = PathState.ABANDONED
         self._abandoned_path_ids.add(path.path_id)
         if announce:
             self._path_abandon_pending.append((path.path_id, error_code))
-        if path is self._path0 or not any(p.state != PathState.ABANDONED for p in self._paths.values()):
-            pass  # the handshake path's object stays (Initial/Handshake spaces live there); sending skips it
+        self._events.append(ev.PathAbandoned(path.path_id, error_code, by_peer))
         self._update_datagram_room()

@@ -75,6 +75,15 @@ class PathValidated(QuicEvent):
 
 
 @dataclass(slots=True)
+class PathAbandoned(QuicEvent):
+    """A path is no longer used (by us, e.g. its PTOs piled up, or by the peer's PATH_ABANDON)."""
+
+    path_id: int
+    error_code: int
+    by_peer: bool
+
+
+@dataclass(slots=True)
 class MtuUpdated(QuicEvent):
     """The largest UDP payload the connection has shown to work (DPLPMTUD); datagram_room follows it."""
 

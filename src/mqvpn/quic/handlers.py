@@ -139,7 +139,7 @@ class FrameHandlersMixin:
         self._check_path_id(path_id, frame_type)
         path = self._paths.get(path_id)
         if path is not None and path.state != PathState.ABANDONED:
-            self._abandon(path, 0, announce=True)  # the receiver answers with its own PATH_ABANDON (§3.4)
+            self._abandon(path, _error_code, announce=True, by_peer=True)  # answered with our own (§3.4)
 
     def _handle_ack(self, path: Path, space: PacketSpace, ranges, ack_delay_raw: int, frame_type: int) -> None:
         if not ranges:
