@@ -13,16 +13,16 @@ The kill switch stays while reconnecting and goes only on a clean exit.
 from __future__ import annotations
 
 import asyncio
-import os
 import ipaddress
 import logging
+import os
 import random
 import signal
 import socket
 from typing import Any
 
-from mqvpn.masque.connectip import AddressesAssigned, TunnelClosed
 from mqvpn.linux.journal import JournalBusy, run_dir
+from mqvpn.masque.connectip import AddressesAssigned, TunnelClosed
 from mqvpn.quic.config import QuicConfiguration
 from mqvpn.quic.congestion.base import congestion_control_name
 from mqvpn.quic.events import MtuUpdated, PathAbandoned, PathValidated

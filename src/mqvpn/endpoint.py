@@ -332,7 +332,9 @@ class QuicEndpoint:
     def _make_connection(self, configuration: Any, **kwargs: Any) -> Any:
         factory = self._factory
         if factory is None:
-            from mqvpn.quic.connection import QuicConnection  # lazily: the endpoint works with any connection
+            from mqvpn.quic.connection import (
+                QuicConnection,  # lazily: the endpoint works with any connection
+            )
 
             factory = self._factory = QuicConnection
         return factory(configuration, **kwargs)

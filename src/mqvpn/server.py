@@ -12,15 +12,15 @@ before it is done and undone on exit; a crashed run's leftovers are undone at th
 from __future__ import annotations
 
 import asyncio
-import os
 import logging
+import os
 import signal
 from typing import Any
 
+from mqvpn.linux.journal import JournalBusy, run_dir
 from mqvpn.masque.auth import KeyStore
 from mqvpn.masque.connectip import ConnectIpService, ServerSession
 from mqvpn.masque.pool import AddressPool
-from mqvpn.linux.journal import JournalBusy, run_dir
 from mqvpn.quic.config import QuicConfiguration
 from mqvpn.quic.congestion.base import congestion_control_name
 from mqvpn.tunnel import ALPN_H3, TunnelServer

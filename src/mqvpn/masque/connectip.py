@@ -44,7 +44,12 @@ from mqvpn.masque.h3 import (
 )
 from mqvpn.masque.h3frames import ErrorCode
 from mqvpn.masque.pool import AddressPool, SessionTable
-from mqvpn.masque.uri import DEFAULT_PATH_TEMPLATE, TemplateError, expand, parse_request_path
+from mqvpn.masque.uri import (
+    DEFAULT_PATH_TEMPLATE,
+    TemplateError,
+    expand,
+    parse_request_path,
+)
 
 _log = logging.getLogger(__name__)
 

@@ -20,7 +20,14 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from ipaddress import (
+    IPv4Address,
+    IPv4Network,
+    IPv6Address,
+    IPv6Network,
+    ip_address,
+    ip_network,
+)
 from typing import Generic, TypeVar
 
 IPAddress = IPv4Address | IPv6Address
