@@ -20,7 +20,6 @@ from mqvpn.masque.connectip import (
     ConnectIpClient,
     ConnectIpServer,
     ConnectIpService,
-    ServerSession,
     TunnelClosed,
     request_target,
 )
