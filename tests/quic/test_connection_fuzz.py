@@ -99,6 +99,8 @@ def _fresh_pair(pki):
     (b"\x0b\x03\x01x", None),                                 # STREAM on a server uni stream: fine
     (b"\x10\xc0", QuicErrorCode.FRAME_ENCODING_ERROR),       # truncated MAX_DATA
     (b"\x07\x00", QuicErrorCode.FRAME_ENCODING_ERROR),       # empty NEW_TOKEN
+    (b"\x19\x00", QuicErrorCode.PROTOCOL_VIOLATION),         # RETIRE_CONNECTION_ID of the CID this packet used
+    (b"\x19\x09", QuicErrorCode.PROTOCOL_VIOLATION),         # RETIRE_CONNECTION_ID of a CID never issued
 ])
 def test_specific_frames(pki, payload, code):
     pair = Pair(pki)

@@ -226,6 +226,7 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
         self._rx_path: Path = self._path0
         self._rx_epoch = INITIAL
         self._rx_ack_eliciting = False
+        self._rx_cid: bytes | None = None  # DCID of the 1-RTT packet being processed
         self._handlers = self._frame_handlers()
         self._qlog = cfg.qlog
 
@@ -437,6 +438,7 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
             path.remote_addr = remote_addr
             path.local_addr = local_addr
         path.bytes_received += header.packet_end - offset
+        self._rx_cid = None
         self._process_packet(path, epoch, space, pn, payload, now)
         return header.packet_end
 
@@ -486,6 +488,7 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
         if remote_addr != path.remote_addr and path.remote_addr is not None and pn > space.largest_received:
             self._on_peer_address_change(path, remote_addr, local_addr)
         path.bytes_received += len(data) - offset
+        self._rx_cid = dcid  # RETIRE_CONNECTION_ID must not retire the CID its own packet was sent to
         self._process_packet(path, ONE_RTT, space, pn, payload, now)
 
     def _receive_key_update(self, plain_header, data, pn, path, now) -> bytes:

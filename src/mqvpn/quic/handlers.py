@@ -315,7 +315,7 @@ class FrameHandlersMixin:
         record = self._host_cids.get(seq)
         if record is None:
             return
-        if record.cid == self._rx_dcid():
+        if record.cid == self._rx_cid:
             raise QuicProtocolError(QuicErrorCode.PROTOCOL_VIOLATION, "retiring the CID in use", frame_type)
         self._retire_host_cid(record)
         self._replenish_host_cids()
@@ -365,9 +365,6 @@ class FrameHandlersMixin:
             handler(data)
         else:
             self._events.append(ev.DatagramFrameReceived(data))
-
-    def _rx_dcid(self) -> bytes | None:
-        return None  # the DCID of the packet being processed is not needed beyond routing yet
 
     # --- streams ---
 
