@@ -331,7 +331,11 @@ def test_lossy_transfer(client, server, impair, test_pki):
         async with echo_server(server, cert=test_pki.cert, key=test_pki.key) as srv:
             async with LossyRelay(upstream=srv, seed=7, **params) as relay:
                 r = await run_client(client, *relay.address, test_pki.ca, datagrams=2000, check=False, stall_timeout=20)
-                stats = (await srv.handle.wait_all_terminated(5))[0]
+                try:
+                    stats = (await srv.handle.wait_all_terminated(5))[0]
+                except InteropError:
+                    # the client's one CONNECTION_CLOSE can be lost on a lossy path (it is not retransmitted)
+                    stats = srv.handle.stats[0]
                 return r, stats, relay
 
     r, stats, relay = run(main(), 45)
@@ -346,7 +350,9 @@ def test_lossy_transfer(client, server, impair, test_pki):
         assert st.dropped > 0 and st.overflow == 0
         if params.get("duplicate"):
             assert st.duplicated > 0 and st.reordered > 0
-    server_ok(stats, r, client=client, server=server)
+    stats.check(r, allow_local_errors=(client, server) == ("aioquic", "qh3"),
+                expect_graceful_close=stats.terminated is not None)
+    assert stats.datagrams_echoed == stats.datagrams
 
 
 # ------------------------------------------------------------------------------------------------------------ idle

@@ -93,7 +93,12 @@ def test_lossy_transfer(client, server, impair, test_pki):
             async with LossyRelay(upstream=srv, seed=7, **params) as relay:
                 r = await run_client(client, *relay.address, test_pki.ca, datagrams=2000, check=False,
                                      stall_timeout=20)
-                stats = (await srv.handle.wait_all_terminated(5))[0]
+                try:
+                    stats = (await srv.handle.wait_all_terminated(5))[0]
+                except InteropError:
+                    # the client's one CONNECTION_CLOSE can be lost on a lossy path (RFC 9000 §10.2: it is not
+                    # retransmitted); the server then ends at its idle timeout, which this test does not wait for
+                    stats = srv.handle.stats[0]
                 return r, stats, relay
 
     r, stats, relay = run(main(), 90)
@@ -107,7 +112,8 @@ def test_lossy_transfer(client, server, impair, test_pki):
         assert st.dropped > 0
         if params.get("duplicate"):
             assert st.duplicated > 0 and st.reordered > 0
-    server_ok(stats, r)
+    stats.check(r, expect_graceful_close=stats.terminated is not None)
+    assert stats.datagrams_echoed == stats.datagrams
 
 
 @pytest.mark.parametrize("client,server", PAIRS, ids=IDS)
