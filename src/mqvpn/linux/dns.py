@@ -25,6 +25,8 @@ import subprocess
 import tempfile
 from typing import Any
 
+from mqvpn.linux.fsutil import fsync_dir
+
 __all__ = [
     "DnsOverride",
     "DnsError",
@@ -214,7 +216,7 @@ def _make_backup(resolv_conf: str, backup: str) -> None:
         with open(resolv_conf, "rb") as f:
             data = f.read()
         _write_new(backup, data, st.st_mode & 0o7777, (st.st_uid, st.st_gid))
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def restore_backup(resolv_conf: str, backup: str) -> bool:
@@ -230,14 +232,14 @@ def restore_backup(resolv_conf: str, backup: str) -> bool:
         except BaseException:
             _unlink_quietly(tmp)
             raise
-        _fsync_dir(directory)
+        fsync_dir(directory)
     else:
         st = os.stat(backup)
         with open(backup, "rb") as f:
             data = f.read()
         _replace_file(resolv_conf, data, mode=st.st_mode & 0o7777, owner=(st.st_uid, st.st_gid))
     os.unlink(backup)
-    _fsync_dir(os.path.dirname(backup) or ".")
+    fsync_dir(os.path.dirname(backup) or ".")
     return True
 
 
@@ -258,7 +260,7 @@ def _replace_file(path: str, data: bytes, *, mode: int, owner: tuple[int, int] |
             f.flush()
             os.fsync(f.fileno())
         return
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def _write_new(path: str, data: bytes, mode: int, owner: tuple[int, int] | None) -> None:
@@ -287,16 +289,3 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -32,6 +32,7 @@ import logging
 import os
 
 from mqvpn.linux import dns, nft
+from mqvpn.linux.fsutil import fsync_dir
 from mqvpn.linux.netlink import Netlink
 
 __all__ = ["ChangeJournal", "JournalBusy", "journal_path", "RUN_DIR", "KINDS"]
@@ -90,7 +91,7 @@ class ChangeJournal:
                 raise JournalBusy(f"{self.path} is held by another running mqvpn") from exc
             raise
         self._fd = fd
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
     def close(self) -> None:
         """Release the journal (the file stays: what it records is still in place)."""
@@ -205,7 +206,7 @@ class ChangeJournal:
             self._rewrite()
         else:
             _unlink_quietly(self.path)
-            _fsync_dir(os.path.dirname(self.path) or ".")
+            fsync_dir(os.path.dirname(self.path) or ".")
             self.close()  # a later record starts a new file
         return [message for _, message in failures]
 
@@ -320,16 +321,3 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
