@@ -50,7 +50,8 @@ Handler = tuple[Callable[..., object], tuple]
 class SentPacket:
     """Record of one sent packet (created once per packet: keep it cheap)."""
 
-    __slots__ = ("pn", "sent_time", "sent_bytes", "ack_eliciting", "in_flight", "handlers", "is_mtu_probe")
+    __slots__ = ("pn", "sent_time", "sent_bytes", "ack_eliciting", "in_flight", "handlers", "is_mtu_probe",
+                 "delivered", "delivered_time", "first_sent_time", "app_limited")
 
     def __init__(
         self,
@@ -68,6 +69,8 @@ class SentPacket:
         self.in_flight = in_flight
         self.handlers = handlers
         self.is_mtu_probe = False
+        # delivered, delivered_time, first_sent_time, app_limited: delivery-rate sampling state at send time,
+        # set by Recovery.on_packet_sent for in-flight packets only (never read for the others)
 
     def __repr__(self) -> str:
         return (
@@ -164,6 +167,49 @@ class RttEstimator:
         )
 
 
+BANDWIDTH_WINDOW_MIN = 1.0  # seconds: the bandwidth filter spans max(10 RTT, this)
+
+
+class WindowedMax:
+    """Running maximum of a signal over a sliding time window, in O(1) per update (the three-sample scheme of
+    Kathleen Nichols' windowed min/max, as Linux's ``win_minmax``): the best, second-best and third-best samples
+    of the window, each newer than the one before."""
+
+    __slots__ = ("v0", "t0", "v1", "t1", "v2", "t2")
+
+    def __init__(self) -> None:
+        self.reset(0.0, float("-inf"))
+
+    def reset(self, value: float, now: float) -> float:
+        self.v0 = self.v1 = self.v2 = value
+        self.t0 = self.t1 = self.t2 = now
+        return value
+
+    def update(self, value: float, now: float, window: float) -> float:
+        if value >= self.v0 or now - self.t2 > window:
+            return self.reset(value, now)  # a new maximum, or nothing in the window any more
+        if value >= self.v1:
+            self.v1 = self.v2 = value
+            self.t1 = self.t2 = now
+        elif value >= self.v2:
+            self.v2 = value
+            self.t2 = now
+        dt = now - self.t0
+        if dt > window:  # the best one left the window: shift
+            self.v0, self.t0 = self.v1, self.t1
+            self.v1, self.t1 = self.v2, self.t2
+            self.v2, self.t2 = value, now
+            if now - self.t0 > window:
+                self.v0, self.t0 = self.v1, self.t1
+                self.v1, self.t1 = self.v2, self.t2
+        elif self.t1 == self.t0 and dt > window / 4.0:
+            self.v1, self.t1 = value, now  # a quarter of the window passed: take a second-best
+            self.v2, self.t2 = value, now
+        elif self.t2 == self.t1 and dt > window / 2.0:
+            self.v2, self.t2 = value, now  # half of it passed: a third-best
+        return self.v0
+
+
 class Recovery:
     """Loss detection, PTO and congestion control for one path."""
 
@@ -199,6 +245,19 @@ class Recovery:
         # time the loss detection timer was last (re)armed by an event other than a send; the client's
         # anti-deadlock PTO counts from it
         self._timer_anchor: float | None = None
+        # delivery-rate estimation (draft-cheng-iccrg-delivery-rate-estimation), per path: for the multipath
+        # scheduler's weights and model-based congestion controllers
+        self.delivered = 0  # bytes acknowledged so far
+        self.delivered_time = 0.0
+        self.first_sent_time = 0.0
+        self.app_limited_until = 0  # packets sent while delivered < this are application-limited
+        self.rs_rate = 0.0  # last sample, bytes/s (0.0: none or invalid)
+        self.rs_app_limited = False
+        self.rs_delivered = 0
+        self.rs_interval = 0.0
+        self.bandwidth = 0.0  # windowed maximum of the samples, bytes/s (0.0 until the first one)
+        self._bw_filter = WindowedMax()
+        self.cc.recovery = self
         # skip the per-packet call when the controller does not care about sends
         cc_sent = type(self.cc).on_packet_sent
         self._cc_on_sent = None if cc_sent is CongestionController.on_packet_sent else self.cc.on_packet_sent
@@ -214,9 +273,51 @@ class Recovery:
             space.ack_eliciting_in_flight += 1
             space.time_of_last_ack_eliciting = packet.sent_time
         if packet.in_flight:
+            if not self.bytes_in_flight:
+                # start of a flight: the send/ack intervals of the next rate samples count from here
+                self.first_sent_time = self.delivered_time = packet.sent_time
+            packet.delivered = self.delivered
+            packet.delivered_time = self.delivered_time
+            packet.first_sent_time = self.first_sent_time
+            packet.app_limited = self.app_limited_until > self.delivered
             self.bytes_in_flight += packet.sent_bytes
             if self._cc_on_sent is not None:
                 self._cc_on_sent(packet.sent_bytes, packet.sent_time)
+
+    def on_app_limited(self) -> None:
+        """The sender had window room but nothing to send: rate samples of the packets in flight (and of those
+        sent until they are acknowledged) underestimate the path and are marked application-limited."""
+        mark = self.delivered + self.bytes_in_flight
+        self.app_limited_until = mark if mark > 0 else 1
+
+    def _rate_sample(self, p: SentPacket, acked_bytes: int, now: float) -> None:
+        """Delivery-rate sample for one ACK (draft-cheng-iccrg-delivery-rate-estimation): bytes delivered
+        between the send of ``p`` (the newest packet acknowledged) and now, over the longer of its send and ack
+        intervals. Sets ``rs_rate`` (0.0: no valid sample), ``rs_app_limited``, ``rs_delivered``, ``rs_interval``
+        and feeds ``bandwidth`` (windowed maximum)."""
+        delivered = self.delivered + acked_bytes
+        self.delivered = delivered
+        self.delivered_time = now
+        self.first_sent_time = p.sent_time
+        interval = p.sent_time - p.first_sent_time  # send interval
+        ack_interval = now - p.delivered_time
+        if ack_interval > interval:
+            interval = ack_interval
+        delta = delivered - p.delivered
+        self.rs_delivered = delta
+        self.rs_interval = interval
+        self.rs_app_limited = p.app_limited
+        # an interval below min_rtt would overestimate (ACK compression): no sample
+        if interval <= 0.0 or interval < self.rtt.min_rtt or delta <= 0:
+            self.rs_rate = 0.0
+            return
+        rate = delta / interval
+        self.rs_rate = rate
+        if not p.app_limited or rate >= self.bandwidth:
+            window = 10.0 * self.rtt.smoothed_rtt
+            if window < BANDWIDTH_WINDOW_MIN:
+                window = BANDWIDTH_WINDOW_MIN
+            self.bandwidth = self._bw_filter.update(rate, now, window)
 
     def congestion_window_available(self) -> int:
         return self.cc.congestion_window - self.bytes_in_flight
@@ -278,12 +379,17 @@ class Recovery:
         acked_bytes = 0
         ack_eliciting = 0
         last_sent_time = 0.0
+        newest = None  # the in-flight packet sent last: it defines the delivery-rate sample
         for p in acked:
             if p.in_flight:
                 acked_bytes += p.sent_bytes
                 last_sent_time = p.sent_time
+                if newest is None or p.delivered >= newest.delivered:
+                    newest = p
             if p.ack_eliciting:
                 ack_eliciting += 1
+        if newest is not None:
+            self._rate_sample(newest, acked_bytes, now)
         bytes_in_flight_before = self.bytes_in_flight
         self.bytes_in_flight = bytes_in_flight_before - acked_bytes
         space.ack_eliciting_in_flight -= ack_eliciting

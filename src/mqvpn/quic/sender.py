@@ -145,6 +145,9 @@ class SenderMixin:
                 # RFC 9001 §4.9.1: a client discards Initial keys when it first sends a Handshake packet
                 self._discard_epoch(INITIAL)
             if not packets:
+                if (rec.bytes_in_flight + path.mtu <= rec.cc.congestion_window and rec.pacer._empty_at <= now
+                        and self._handshake_confirmed):
+                    rec.on_app_limited()  # window room, nothing to send
                 return
             datagram = packets[0] if len(packets) == 1 else b"".join(packets)
             path.bytes_sent += len(datagram)

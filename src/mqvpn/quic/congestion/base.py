@@ -44,6 +44,9 @@ class CongestionController:
         self.ssthresh: float = float("inf")
         self.recovery_start_time: float = NEVER
         self.congestion_events = 0  # stats: reductions actually applied
+        # the path's Recovery (set by it): model-based controllers read its delivery-rate sample
+        # (``rs_rate``, ``rs_app_limited``, ``rs_delivered``, ``rs_interval``, ``bandwidth``, ``delivered``)
+        self.recovery = None
 
     # -- queries ---------------------------------------------------------------------------------
     def in_recovery(self, sent_time: float) -> bool:
