@@ -179,7 +179,7 @@ class FakeConnection:
     def next_event(self):
         return self.events.popleft() if self.events else None
 
-    def send_datagram_frame(self, data) -> bool:
+    def send_datagram_frame(self, data, flow=0) -> bool:
         self._queue(b"dgram:" + data)
         return True
 

@@ -148,9 +148,10 @@ class ConnectionHandle:
         self.quic.send_stream_data(stream_id, data, end_stream)
         self.transmit()
 
-    def send_datagram_frame(self, data: bytes) -> bool:
-        """Queue a DATAGRAM frame; False when the connection dropped it (too large, queue full)."""
-        if self.quic.send_datagram_frame(data):
+    def send_datagram_frame(self, data: bytes, flow: int = 0) -> bool:
+        """Queue a DATAGRAM frame (``flow``: see QuicConnection.send_datagram_frame); False when the connection
+        dropped it (too large, queue full)."""
+        if self.quic.send_datagram_frame(data, flow):
             if self._flush_handle is None and not self._removed:
                 self._flush_handle = self._loop.call_soon(self._flush)
             return True

@@ -176,26 +176,152 @@ def test_close_travels_on_a_live_path_after_path_0_was_abandoned(test_pki):
     assert any(isinstance(e, ev.ConnectionTerminated) and e.reason_phrase == "bye" for e in pair.server_events)
 
 
-def test_a_silently_dead_path_is_abandoned_after_its_ptos_pile_up(test_pki):
-    pair = mp_pair(test_pki, 2, 2)
+def two_paths(pki, client_max=4, server_max=4):
+    pair = mp_pair(pki, client_max, server_max)
     pair.run(max_time=0.5)
     pair.client.open_path(PATH_B, SERVER_ADDR, pair.now)
     pair.run(until=lambda: pair.client._paths[1].validated and 1 in pair.server._paths
              and pair.server._paths[1].validated, max_time=2)
+    return pair
+
+
+def send_numbered(pair, n, gap=0.01):
+    """One DATAGRAM every ``gap`` seconds of simulated time."""
+    for i in range(n):
+        pair.client.send_datagram_frame(i.to_bytes(4, "big") * 25)
+        target = pair.now + gap
+        pair.run(max_time=gap)
+        pair.now = max(pair.now, target)
+
+
+def test_a_silently_dead_path_is_marked_dead_probed_and_used_again(test_pki):
+    from mqvpn.quic.constants import DEAD_PROBE_INTERVAL
+
+    pair = two_paths(test_pki)
     got = []
     pair.server.datagram_handler = got.append
     pair.blackhole.add(pair.client_addr)  # 100 % loss on path 0, link still "up": nobody tells the client
     start = pair.now
-    for i in range(300):
-        pair.client.send_datagram_frame(i.to_bytes(4, "big") * 25)
-        pair.step(deadline=pair.now + 0.01)
-    pair.run(until=lambda: 0 in pair.client._abandoned_path_ids, max_time=10)
-    assert 0 in pair.client._abandoned_path_ids
-    assert pair.now - start < 5  # a few PTOs, not the idle timeout
-    # what went into the dead path before is lost (DATAGRAMs are never retransmitted); from now on all arrives
+    send_numbered(pair, 300)
+    pair.run(until=lambda: pair.client._paths[0].dead_since is not None, max_time=10)
+    dead = pair.client._paths[0]
+    assert dead.dead_since is not None and pair.now - start < 3  # a few PTOs, not the idle timeout
+    assert ev.PathLiveness(0, False) in pair.client_events
+    assert 0 not in pair.client._abandoned_path_ids  # dead, not abandoned: probed, not used
+    # new DATAGRAMs avoid the dead path within a PTO (about 75 ms here): few are lost
+    assert len(got) >= 300 - 12
     got.clear()
-    for i in range(100):
-        pair.client.send_datagram_frame(i.to_bytes(4, "big") * 25)
-        pair.step(deadline=pair.now + 0.01)
+    sent_before = dead.packets_sent
+    t0 = pair.now
+    send_numbered(pair, 100)
     pair.run(until=lambda: len(got) == 100, max_time=3)
     assert len(got) == 100 and pair.client.state == pair.client.state.CONNECTED
+    # while dead it carries probes only, about one per DEAD_PROBE_INTERVAL, never the DATAGRAMs
+    assert dead.packets_sent - sent_before <= (pair.now - t0) / DEAD_PROBE_INTERVAL + 3
+    # the path heals: the next probe is acknowledged and the path carries traffic again, same path ID
+    pair.blackhole.clear()
+    pair.run(until=lambda: dead.dead_since is None, max_time=2 * DEAD_PROBE_INTERVAL + 1)
+    assert dead.dead_since is None and ev.PathLiveness(0, True) in pair.client_events
+    before = dead.datagrams_sent
+    pair.run(max_time=0.2)  # an RTT or so for the window to open
+    send_numbered(pair, 100, gap=0.001)
+    pair.run(until=lambda: len(got) == 200, max_time=3)
+    assert len(got) == 200 and dead.datagrams_sent > before
+
+
+def test_a_path_dead_for_long_is_abandoned_then_forgotten(test_pki):
+    from mqvpn.quic.constants import DEAD_PATH_ABANDON
+
+    pair = two_paths(test_pki)
+    pair.client._keepalive = 2.0  # keeps the connection (on path 1) from idling out meanwhile
+    pair.blackhole.add(pair.client_addr)
+    send_numbered(pair, 50)
+    pair.run(until=lambda: 0 in pair.client._abandoned_path_ids, max_time=DEAD_PATH_ABANDON + 20)
+    assert 0 in pair.client._abandoned_path_ids
+    assert any(isinstance(e, ev.PathAbandoned) and e.path_id == 0 for e in pair.client_events)
+    pair.run(until=lambda: pair.client.paths_forgotten and pair.server.paths_forgotten, max_time=5)
+    assert pair.client.paths_forgotten == 1 and pair.server.paths_forgotten == 1
+    # a path ID was granted in its place, both ways: the client can still open as many paths as before
+    assert pair.client._local_max_path_id == 5 and pair.server._local_max_path_id == 5
+    pair.run(until=lambda: pair.client._peer_max_path_id == 5 and pair.server._peer_max_path_id == 5, max_time=2)
+    assert pair.client._peer_max_path_id == 5 and pair.server._peer_max_path_id == 5
+    assert pair.client.state == pair.client.state.CONNECTED
+
+
+def test_paths_can_come_and_go_many_times(test_pki):
+    """20 open/abandon cycles on one connection: path IDs are replaced (MAX_PATH_ID), state does not grow."""
+    pair = two_paths(test_pki, 2, 2)
+    got = []
+    pair.server.datagram_handler = got.append
+    for cycle in range(20):
+        live = [pid for pid, p in pair.client._paths.items() if p.state == p.state.ACTIVE]
+        victim = max(live)
+        assert pair.client.abandon_path(victim)
+        pair.run(max_time=0.3)
+        pid = None
+        for _ in range(100):  # the abandoned path ID is replaced 3 PTO later
+            pid = pair.client.open_path((f"10.9.{cycle}.2", 4433), SERVER_ADDR, pair.now)
+            if pid is not None:
+                break
+            pair.run(max_time=0.05)
+        assert pid is not None, f"no path ID at cycle {cycle}"
+        pair.run(until=lambda: pair.client._paths[pid].validated, max_time=2)
+        got.clear()
+        send_numbered(pair, 20, gap=0.002)
+        pair.run(until=lambda: len(got) == 20, max_time=2)
+        assert len(got) == 20
+    pair.run(max_time=1)
+    for conn in (pair.client, pair.server):
+        assert len(conn._paths) <= 3  # path 0 (kept for its handshake spaces) + the live one + one in its grace
+        assert sum(len(v) for v in conn._mp_host_cids.values()) <= 2 * 3
+        assert conn.state == conn.state.CONNECTED
+
+
+def test_path_status_backup_keeps_a_path_idle_until_the_other_fails(test_pki):
+    pair = two_paths(test_pki)
+    pair.client.set_path_status(1, available=False)
+    pair.run(until=lambda: pair.server._paths[1].peer_backup, max_time=1)
+    assert pair.server._paths[1].peer_backup and pair.client._paths[1].local_backup
+    got = []
+    pair.server.datagram_handler = got.append
+    b = pair.client._paths[1]
+    before = b.datagrams_sent
+    send_numbered(pair, 100, gap=0.001)
+    pair.run(until=lambda: len(got) == 100, max_time=2)
+    assert len(got) == 100 and b.datagrams_sent == before  # all on path 0
+    # the server's downlink follows the client's wish too
+    down = []
+    pair.client.datagram_handler = down.append
+    sb = pair.server._paths[1]
+    before_s = sb.datagrams_sent
+    for _ in range(100):
+        pair.server.send_datagram_frame(b"d" * 100)
+        pair.step(deadline=pair.now + 0.001)
+    pair.run(until=lambda: len(down) == 100, max_time=2)
+    assert len(down) == 100 and sb.datagrams_sent == before_s
+    # path 0 dies: the backup path takes over
+    pair.blackhole.add(pair.client_addr)
+    got.clear()
+    send_numbered(pair, 200)
+    pair.run(max_time=1)
+    assert b.datagrams_sent > before and len(got) >= 150
+    # a newer status wins; an older sequence number is ignored
+    pair.client.set_path_status(1, available=True)
+    pair.run(until=lambda: not pair.server._paths[1].peer_backup, max_time=1)
+    assert not pair.server._paths[1].peer_backup
+    assert pair.server._path_status[1][0] == 1
+
+
+def test_rtt_is_sampled_only_from_acks_on_the_data_path(test_pki):
+    """An ACK for path 1 that comes back on path 0 (e.g. path 1 is dead one way) gives no RTT sample."""
+    from mqvpn.quic.recovery import SentPacket, SentSpace, Recovery
+
+    rec = Recovery()
+    s = SentSpace("app1")
+    rec.spaces.append(s)
+    rec.on_packet_sent(s, SentPacket(0, 1.0, 1200, True, True))
+    rec.on_ack_received(s, [(0, 1)], 0.0, 3.0, rtt_sample=False)
+    assert not rec.rtt.has_sample and rec.delivered == 1200 and rec.bytes_in_flight == 0
+    rec.on_packet_sent(s, SentPacket(1, 3.0, 1200, True, True))
+    rec.on_ack_received(s, [(1, 2)], 0.0, 3.05)
+    assert rec.rtt.has_sample and rec.rtt.latest_rtt == pytest.approx(0.05)

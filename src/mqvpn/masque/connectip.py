@@ -33,6 +33,7 @@ from mqvpn.masque.capsules import (
     encode_capsule,
     merge_per_family,
 )
+from mqvpn.masque.flow import flow_hash
 from mqvpn.masque.h3 import (
     DataReceived,
     H3Connection,
@@ -193,7 +194,7 @@ class ServerSession:
         if self._fallback:
             return self._send_capsule_datagram(packet)
         self.packets_out += 1
-        return self.quic.send_datagram_frame(self._prefix + packet)
+        return self.quic.send_datagram_frame(self._prefix + packet, flow_hash(packet))
 
     def _send_capsule_datagram(self, packet: bytes) -> bool:
         if self.closed:
@@ -607,7 +608,7 @@ class ConnectIpClient:
                 return False
             return True
         self.counters.packets_out += 1
-        return self.quic.send_datagram_frame(self._prefix + packet)
+        return self.quic.send_datagram_frame(self._prefix + packet, flow_hash(packet))
 
     # --- closing ---
 

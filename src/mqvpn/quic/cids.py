@@ -8,6 +8,7 @@ import os
 
 from mqvpn.quic import events as ev
 from mqvpn.quic.config import MIN_UDP_PAYLOAD
+from mqvpn.quic.constants import DEAD_PROBE_INTERVAL
 from mqvpn.quic.crypto import (
     stateless_reset_token,
 )
@@ -29,6 +30,13 @@ class CidMixin:
             rec.peer_completed_address_validation = True
         path = Path(path_id, local_addr, remote_addr, rec, MIN_UDP_PAYLOAD)
         rec.spaces.append(path.space.sent)
+        if path_id:
+            status = self._path_status.get(path_id)
+            path.peer_backup = status is not None and not status[1]
+            path.local_backup = self._local_backup.get(path_id, False)
+            if self._multipath:
+                # a dead path is probed about once a second, not with an ever longer PTO backoff
+                rec.max_pto_period = DEAD_PROBE_INTERVAL
         self._paths[path_id] = path
         return path
 
@@ -58,13 +66,16 @@ class CidMixin:
         limit = 2
         if self._peer_params is not None:
             limit = min(self._peer_params.active_connection_id_limit, 8)
-        while sum(1 for r in self._host_cids.values() if not r.retired) < limit:
+        abandoned = self._abandoned_path_ids
+        while 0 not in abandoned and sum(1 for r in self._host_cids.values() if not r.retired) < limit:
             self._new_host_cid()
         if self._multipath:
             # CIDs for every path ID both sides allow, without gaps, so the client can open paths (§3.2); the
             # active_connection_id_limit counts per path
             per_path = min(limit, 2)
             for path_id in range(1, min(self._local_max_path_id, self._peer_max_path_id) + 1):
+                if path_id in abandoned:
+                    continue
                 issued = self._mp_host_cids.get(path_id, {})
                 while sum(1 for r in issued.values() if not r.retired) < per_path:
                     self._new_host_cid(path_id=path_id)
@@ -189,6 +200,8 @@ class CidMixin:
         path.challenge = os.urandom(8)
         path.challenge_sent_at = None
         path.challenge_tries = 0
+        if self.is_client:
+            self._scheduler.on_path_opened(path)
         return path_id
 
     def _accept_path(self, path_id: int, local_addr, remote_addr) -> Path | None:
@@ -211,10 +224,51 @@ class CidMixin:
         return True
 
     def _abandon(self, path: Path, error_code: int, announce: bool, by_peer: bool = False) -> None:
-        # the Path object stays (path 0 also holds the Initial/Handshake spaces); sending and timers skip it
+        """Stop sending on ``path``. Its packet number state and our CIDs for it stay 3 PTO (late packets are
+        still acknowledged, on another path, and draw no stateless reset); then ``_forget_path`` (§3.4)."""
         path.state = PathState.ABANDONED
+        path.usable = False
         self._abandoned_path_ids.add(path.path_id)
         if announce:
             self._path_abandon_pending.append((path.path_id, error_code))
+        # the peer's CIDs for the path count as retired at once; nothing more is sent on it
         self._events.append(ev.PathAbandoned(path.path_id, error_code, by_peer))
+        rec = path.recovery
+        # what was in flight goes back for retransmission on the other paths (stream data, control frames);
+        # the records stay for late acknowledgements until the path is forgotten
+        rec.reschedule(path.space.sent)
+        path.space.probes = 0
+        path.challenge = None
+        path.challenge_sent_at = None
+        path.forget_at = self._now + 3 * self._max_pto()
+        if path.dgrams:
+            for data in path.dgrams:
+                self._scheduler.requeue(data)
+            path.dgrams.clear()
         self._update_datagram_room()
+        if not any(p.state != PathState.ABANDONED for p in self._paths.values()):
+            # the last path: nothing can carry the connection any more (§3.4)
+            self._terminate_now("last path abandoned", QuicErrorCode.NO_VIABLE_PATH)
+
+    def _forget_path(self, path: Path) -> None:
+        """3 PTO after abandoning: drop the path's state, retire our CIDs for it, and let the peer open another
+        path ID in its place (MAX_PATH_ID), so paths can come and go for the whole life of the connection."""
+        path.forget_at = None
+        path_id = path.path_id
+        path.recovery.discard_space(path.space.sent)
+        if path_id == 0:
+            for record in list(self._host_cids.values()):
+                self._retire_host_cid(record)
+            self._peer_cids = []
+        else:
+            for record in list(self._mp_host_cids.get(path_id, {}).values()):
+                self._retire_host_cid(record)
+            self._mp_host_cids.pop(path_id, None)
+            for record in self._mp_peer_cids.pop(path_id, ()):
+                self._reset_tokens.discard(record.reset_token)
+            del self._paths[path_id]
+        self.paths_forgotten += 1
+        if self._multipath:
+            self._local_max_path_id += 1
+            self._max_path_id_pending = True
+            self._replenish_host_cids()

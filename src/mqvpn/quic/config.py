@@ -55,7 +55,8 @@ class QuicConfiguration:
     initial_rtt: float = 0.333
     pmtud: bool = True
     pmtud_max_payload: int = 1452  # DPLPMTUD search ceiling (1500-byte links over IPv6)
-    datagram_queue_limit: int = 256  # DATAGRAM frames waiting to be sent; beyond: dropped and counted
+    datagram_queue_limit: int = 256  # DATAGRAM frames waiting to be sent (per queue); beyond: dropped and counted
+    scheduler: str = "wlb"  # multipath DATAGRAM scheduler: wlb, minrtt or backup (quic/scheduler.py)
     retry: bool = False  # server: send Retry before accepting a connection
     stateless_reset_key: bytes = field(default_factory=lambda: os.urandom(32))
     key_update_after_packets: int = 1 << 22  # AEAD confidentiality limit margin (RFC 9001 §6.6)

@@ -28,6 +28,7 @@ from mqvpn.quic.cids import CidMixin
 from mqvpn.quic.config import MIN_UDP_PAYLOAD, QuicConfiguration
 from mqvpn.quic.constants import (
     AEAD_TAG_SIZE,
+    DEAD_PATH_ABANDON,
     DEAD_PATH_PTOS,
     EPOCH_BITS,
     HANDSHAKE,
@@ -64,6 +65,7 @@ from mqvpn.quic.path import (
     Path,
     PathState,
 )
+from mqvpn.quic.scheduler import create as create_scheduler
 from mqvpn.quic.sender import SenderMixin, _Packet
 from mqvpn.quic.stream import QuicStream
 from mqvpn.quic.tlsglue import TlsMixin, _CryptoStream
@@ -112,9 +114,14 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
         self._mp_peer_cids: dict[int, list[CidRecord]] = {}  # path id (>= 1) -> the peer's CIDs for it
         self._mp_retire_pending: list[tuple[int, int]] = []  # (path id, seq) for PATH_RETIRE_CONNECTION_ID
         self.path_acks_received = 0
-        self._path_status: dict[int, tuple[int, bool]] = {}  # path id -> (status seq, available)
+        self._path_status: dict[int, tuple[int, bool]] = {}  # path id -> (peer's status seq, available)
+        self._local_backup: dict[int, bool] = {}  # path id -> we marked it backup (also before it opens)
         self._abandoned_path_ids: set[int] = set()  # never reused (the nonce must stay unique)
         self._path_abandon_pending: list[tuple[int, int]] = []  # (path id, error code) for PATH_ABANDON
+        self._path_status_seq: dict[int, int] = {}  # path id -> sequence number of our newest PATH_STATUS
+        self._path_status_pending: dict[int, bool] = {}  # path id -> available? (newest status still to send)
+        self._max_path_id_pending = False
+        self.paths_forgotten = 0
         host = self._new_host_cid(announce=False)
         self.host_cid = host.cid  # our SCID of the handshake
 
@@ -160,6 +167,8 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
         self._recv_key_prev: PacketKey | None = None
         self._recv_key_prev_until = 0.0
         self._key_update_pending_ack: int | None = None  # first PN sent in the current phase, until acked
+        self._key_update_path = None  # the path (packet number space) of that PN
+        self._key_update_not_before = 0.0  # multipath: 3 x the largest PTO after the last update was acked
         self._key_update_requested = False
         self._packets_in_phase = 0
         self.key_updates = 0
@@ -197,8 +206,9 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
         self._streams_blocked_pending = [False, False]
 
         # DATAGRAM frames
-        self._datagrams: deque[bytes] = deque()
+        self._datagrams: deque[bytes] = deque()  # shared queue; paths have their own too (path.dgrams)
         self._datagram_limit = cfg.datagram_queue_limit
+        self._scheduler = create_scheduler(cfg.scheduler, self, cfg.datagram_queue_limit)
         self._remote_max_datagram = 0
         self._datagram_room = 0
         # DATAGRAM frames of any size a UDP datagram can carry fit under our advertised limit (<= 65535)
@@ -331,13 +341,33 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
         room = mtu - (1 + 20 + MAX_PN_LEN) - AEAD_TAG_SIZE - 1
         self._datagram_room = max(0, min(room, self._remote_max_datagram - 1))
 
-    def send_datagram_frame(self, data: bytes) -> bool:
-        """Queue a DATAGRAM frame. Returns False (and counts it) when it is dropped: too large or queue full."""
-        if len(data) > self._datagram_room or len(self._datagrams) >= self._datagram_limit:
+    def send_datagram_frame(self, data: bytes, flow: int = 0) -> bool:
+        """Queue a DATAGRAM frame. Returns False (and counts it) when it is dropped: too large or queue full.
+
+        ``flow``: with several paths, DATAGRAMs of the same non-zero flow (e.g. a hash of an inner TCP 5-tuple)
+        stay on one path when the scheduler can (``wlb``); 0: no flow, any path."""
+        if len(data) > self._datagram_room or not self._scheduler.enqueue(data, flow):
             self.datagrams_dropped += 1
             return False
-        self._datagrams.append(data)
         return True
+
+    @property
+    def scheduler(self):
+        """The multipath DATAGRAM scheduler (quic/scheduler.py)."""
+        return self._scheduler
+
+    def set_path_status(self, path_id: int, available: bool) -> None:
+        """Tell the peer whether to use a path normally (PATH_STATUS_AVAILABLE) or only when no available path
+        works (PATH_STATUS_BACKUP); we follow the same rule for our own sending. Path IDs not opened yet are fine
+        (draft-ietf-quic-multipath §3.3)."""
+        if not self._multipath:
+            raise RuntimeError("path status needs multipath")
+        self._path_status_seq[path_id] = self._path_status_seq.get(path_id, -1) + 1
+        self._path_status_pending[path_id] = available
+        self._local_backup[path_id] = not available
+        path = self._paths.get(path_id)
+        if path is not None:
+            path.local_backup = not available
 
     def send_ping(self, uid: int) -> None:
         self._ping_pending.append(uid)
@@ -597,7 +627,13 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
         deadline = self._idle_at
         for path in self._paths.values():
             if path.state == PathState.ABANDONED:
+                if path.forget_at is not None and (deadline is None or path.forget_at < deadline):
+                    deadline = path.forget_at
                 continue
+            if path.dead_since is not None:
+                t = path.dead_since + DEAD_PATH_ABANDON
+                if deadline is None or t < deadline:
+                    deadline = t
             rec = path.recovery
             t = rec.get_loss_detection_time()
             if t is not None and (deadline is None or t < deadline):
@@ -605,7 +641,7 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
             t = path.space.ack_at
             if t is not None and (deadline is None or t < deadline):
                 deadline = t
-            if self._datagrams or self._stream_queue:
+            if self._datagrams or path.dgrams or self._stream_queue:
                 t = rec.pacer.next_send_time(self._now)
                 if t is not None and (deadline is None or t < deadline):
                     deadline = t
@@ -639,6 +675,8 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
             return
         for path in list(self._paths.values()):
             if path.state == PathState.ABANDONED:
+                if path.forget_at is not None and now >= path.forget_at:
+                    self._forget_path(path)
                 continue
             rec = path.recovery
             t = rec.get_loss_detection_time()
@@ -649,11 +687,17 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
                     if space is not None:
                         space.probes = 2 if space.epoch != ONE_RTT or rec.pto_count > 1 else 1
                         rec.reschedule(space_sent)
-                    if (self._multipath and rec.pto_count >= DEAD_PATH_PTOS and self._handshake_confirmed
-                            and any(p is not path and p.state == PathState.ACTIVE for p in self._paths.values())):
-                        # its PTOs pile up while another path works: this path is dead, the connection is not
-                        self._abandon(path, PATH_UNSTABLE_OR_POOR, announce=True)
-                        continue
+                    if (self._multipath and rec.pto_count >= DEAD_PATH_PTOS and path.dead_since is None
+                            and self._handshake_confirmed
+                            and any(p is not path and p.state == PathState.ACTIVE and p.dead_since is None
+                                    for p in self._paths.values())):
+                        # its PTOs pile up while another path works: this path is dead, the connection is not.
+                        # It carries nothing but probes (about once a second) until one is acknowledged.
+                        path.dead_since = now
+                        self._events.append(ev.PathLiveness(path.path_id, False))
+            if path.dead_since is not None and now - path.dead_since >= DEAD_PATH_ABANDON:
+                self._abandon(path, PATH_UNSTABLE_OR_POOR, announce=True)
+                continue
             if path.challenge_sent_at is not None and now >= path.challenge_sent_at + 3 * rec.pto_duration():
                 if path.challenge_tries >= PATH_CHALLENGE_TRIES:
                     path.challenge = None
@@ -694,7 +738,10 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
         return max(timeout, 3 * self._max_pto())
 
     def _max_pto(self) -> float:
-        return max((p.recovery.pto_duration() for p in self._paths.values()), default=1.0)
+        """The largest PTO among the paths in use (those with an RTT sample, if any has one)."""
+        paths = [p for p in self._paths.values() if p.state != PathState.ABANDONED] or list(self._paths.values())
+        sampled = [p for p in paths if p.recovery.rtt.has_sample] or paths
+        return max((p.recovery.pto_duration() for p in sampled), default=1.0)
 
     # ------------------------------------------------------------------------------------------------------------
     # close and drain

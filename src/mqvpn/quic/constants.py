@@ -26,7 +26,9 @@ PMTUD_RAISE_INTERVAL = 600.0  # RFC 8899 PMTU_RAISE_TIMER
 PMTUD_MAX_PROBES = 2  # losses of one probe size before it is ruled out (RFC 8899 MAX_PROBES is 3)
 PMTUD_STEP_MIN = 8
 MIN_AMPLIFICATION_SEND = 64  # below this much anti-amplification credit, wait for the peer to send more
-DEAD_PATH_PTOS = 3  # consecutive PTOs after which a path is abandoned, if another path is active
+DEAD_PATH_PTOS = 3  # consecutive PTOs after which a path is dead (not used, probed), if another path is active
+DEAD_PROBE_INTERVAL = 1.0  # seconds: the PTO backoff of a multipath path stops growing here (dead-path probing)
+DEAD_PATH_ABANDON = 60.0  # seconds a path may stay dead before it is abandoned (PATH_UNSTABLE_OR_POOR)
 PATH_UNSTABLE_OR_POOR = 0x3E76  # PATH_ABANDON error code (draft-ietf-quic-multipath-21 §4.2.1)
 KEEPALIVE_PING = -1  # ping uid of keep-alive PINGs (no PingAcknowledged event)
 

@@ -84,6 +84,15 @@ class PathAbandoned(QuicEvent):
 
 
 @dataclass(slots=True)
+class PathLiveness(QuicEvent):
+    """A path stopped answering (``alive`` False: its PTOs piled up while another path works; it is only probed)
+    or answers again (True: a probe was acknowledged)."""
+
+    path_id: int
+    alive: bool
+
+
+@dataclass(slots=True)
 class MtuUpdated(QuicEvent):
     """The largest UDP payload the connection has shown to work (DPLPMTUD); datagram_room follows it."""
 

@@ -70,7 +70,7 @@ class FrameHandlersMixin:
         # in 1-RTT, ACK acknowledges path 0 whichever path carried it (draft-ietf-quic-multipath §2.3)
         path = self._path0
         self._handle_ack(path, space if space.epoch != ONE_RTT else path.space, ack.ranges, ack.ack_delay,
-                         frame_type)
+                         frame_type, rtt_sample=space.epoch != ONE_RTT or not space.path_id)
 
     # --- multipath frames (draft-ietf-quic-multipath-21 §4): only once both sides negotiated the extension ---
 
@@ -88,11 +88,15 @@ class FrameHandlersMixin:
         path = self._paths.get(path_id)
         if path is None or path.state == PathState.ABANDONED:
             return  # a path we no longer (or never) keep state for: ignored (§4)
-        self._handle_ack(path, path.space, ack.ranges, ack.ack_delay, frame_type)
+        # §5: the RTT of a path is sampled only from acknowledgements that came back on that path
+        self._handle_ack(path, path.space, ack.ranges, ack.ack_delay, frame_type,
+                         rtt_sample=space.path_id is None or space.path_id == path_id)
 
     def _on_path_new_connection_id(self, buf, frame_type, space) -> None:
         path_id, (seq, retire_prior_to, cid, token) = F.pull_path_new_connection_id(buf)
         self._check_path_id(path_id, frame_type)
+        if path_id in self._abandoned_path_ids:
+            return  # a path ID we no longer process: ignored (§4)
         if path_id == 0:
             self._add_peer_cid(seq, retire_prior_to, cid, token, frame_type)
         else:
@@ -101,6 +105,8 @@ class FrameHandlersMixin:
     def _on_path_retire_connection_id(self, buf, frame_type, space) -> None:
         path_id, seq = F.pull_path_retire_connection_id(buf)
         self._check_path_id(path_id, frame_type)
+        if path_id in self._abandoned_path_ids:
+            return  # its CIDs are retired with the path
         table = self._host_cids if path_id == 0 else self._mp_host_cids.get(path_id, {})
         issued = self._host_cid_seq if path_id == 0 else self._mp_host_seq.get(path_id, 0)
         if seq >= issued:
@@ -129,10 +135,14 @@ class FrameHandlersMixin:
     def _on_path_status(self, buf, frame_type, space) -> None:
         path_id, seq = F.pull_path_status(buf, frame_type == F.FrameType.PATH_STATUS_AVAILABLE)
         self._check_path_id(path_id, frame_type)
-        # advisory; the scheduler (backup paths) will read it -- kept per path ID, newest sequence number wins
+        # advisory (§3.3): kept per path ID (also for paths not open yet), newest sequence number wins
         last = self._path_status.get(path_id)
         if last is None or seq > last[0]:
-            self._path_status[path_id] = (seq, frame_type == F.FrameType.PATH_STATUS_AVAILABLE)
+            available = frame_type == F.FrameType.PATH_STATUS_AVAILABLE
+            self._path_status[path_id] = (seq, available)
+            path = self._paths.get(path_id)
+            if path is not None:
+                path.peer_backup = not available
 
     def _on_path_abandon(self, buf, frame_type, space) -> None:
         path_id, _error_code = F.pull_path_abandon(buf)
@@ -141,7 +151,8 @@ class FrameHandlersMixin:
         if path is not None and path.state != PathState.ABANDONED:
             self._abandon(path, _error_code, announce=True, by_peer=True)  # answered with our own (§3.4)
 
-    def _handle_ack(self, path: Path, space: PacketSpace, ranges, ack_delay_raw: int, frame_type: int) -> None:
+    def _handle_ack(self, path: Path, space: PacketSpace, ranges, ack_delay_raw: int, frame_type: int,
+                    rtt_sample: bool = True) -> None:
         if not ranges:
             return
         largest = ranges[-1][1] - 1
@@ -153,7 +164,11 @@ class FrameHandlersMixin:
         else:
             ack_delay = 0.0
         rec = path.recovery
-        rec.on_ack_received(space.sent, ranges, ack_delay, self._now, is_handshake_space=space.epoch != ONE_RTT)
+        rec.on_ack_received(space.sent, ranges, ack_delay, self._now, is_handshake_space=space.epoch != ONE_RTT,
+                            rtt_sample=rtt_sample)
+        if path.dead_since is not None and rec.pto_count == 0:
+            path.dead_since = None  # a probe got through: the path is used again
+            self._events.append(ev.PathLiveness(path.path_id, True))
         if self._qlog is not None:
             self._qlog.event(self._now, "recovery:metrics_updated", {
                 "path_id": path.path_id, "congestion_window": rec.cc.congestion_window,
@@ -164,8 +179,11 @@ class FrameHandlersMixin:
         if rec.pto_count == 0 and rec.rtt.has_sample:
             self._update_idle_period()
         if self._key_update_pending_ack is not None and space.epoch == ONE_RTT \
-                and largest >= self._key_update_pending_ack:
+                and largest >= self._key_update_pending_ack and path is self._key_update_path:
             self._key_update_pending_ack = None
+            if self._multipath:
+                # draft-ietf-quic-multipath §2.5: the next update waits 3 x the largest PTO of all paths
+                self._key_update_not_before = self._now + 3 * self._max_pto()
 
     def _on_crypto(self, buf, frame_type, space) -> None:
         offset = buf.pull_uint_var()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from enum import IntEnum
 
 from mqvpn.quic.rangeset import RangeSet
@@ -84,6 +85,7 @@ class Path:
         "space", "recovery", "peer_cid", "mtu", "challenge", "challenge_sent_at", "challenge_tries",
         "responses", "pmtud_probe", "pmtud_low", "pmtud_high", "pmtud_fails", "pmtud_next_at",
         "key_phase_start_pn", "packets_sent", "packets_received", "datagrams_sent", "datagrams_received",
+        "dgrams", "usable", "dead_since", "forget_at", "local_backup", "peer_backup",
     )
 
     def __init__(self, path_id: int, local_addr, remote_addr, recovery: Recovery, mtu: int) -> None:
@@ -112,3 +114,14 @@ class Path:
         self.packets_received = 0
         self.datagrams_sent = 0
         self.datagrams_received = 0
+        # multipath
+        self.dgrams: deque[bytes] = deque()  # DATAGRAMs the scheduler assigned to this path
+        self.usable = False  # the scheduler may give it new DATAGRAMs, control frames and stream data
+        self.dead_since: float | None = None  # its PTOs piled up: probed (about once a second), not used
+        self.forget_at: float | None = None  # abandoned: its state goes at this time (3 PTO after)
+        self.local_backup = False  # we asked the peer (PATH_STATUS_BACKUP) to use it only as a backup
+        self.peer_backup = False  # the peer asked us the same
+
+    @property
+    def backup(self) -> bool:
+        return self.local_backup or self.peer_backup

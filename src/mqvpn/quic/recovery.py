@@ -231,6 +231,7 @@ class Recovery:
         self.pacer = Pacer(max_datagram_size)
         self.bytes_in_flight = 0
         self.pto_count = 0
+        self.max_pto_period: float | None = None  # cap of the backed-off Application Data PTO (None: none)
         self.handshake_confirmed = False
         self.peer_completed_address_validation = False  # only consulted when is_client (see module docstring)
         self.is_client = False
@@ -319,6 +320,21 @@ class Recovery:
                 window = BANDWIDTH_WINDOW_MIN
             self.bandwidth = self._bw_filter.update(rate, now, window)
 
+    def unanswered_for(self, now: float) -> float:
+        """How long the oldest ack-eliciting packet still in flight has waited for an acknowledgement (0.0:
+        none). Unlike the PTO timer, later sends do not restart it: a path that swallows everything it is given
+        shows here within one PTO even while it is kept busy."""
+        oldest = None
+        for space in self.spaces:
+            if space.ack_eliciting_in_flight:
+                # ascending packet numbers; ACK-only packets are skipped (a bounded look: this runs per send round)
+                for _i, p in zip(range(64), space.sent.values(), strict=False):
+                    if p.ack_eliciting:
+                        if oldest is None or p.sent_time < oldest:
+                            oldest = p.sent_time
+                        break
+        return 0.0 if oldest is None else now - oldest
+
     def congestion_window_available(self) -> int:
         return self.cc.congestion_window - self.bytes_in_flight
 
@@ -332,8 +348,11 @@ class Recovery:
         now: float,
         *,
         is_handshake_space: bool = False,
+        rtt_sample: bool = True,
     ) -> int:
-        """Process one ACK frame; ``ranges`` ascending half-open. Returns the number of newly acked packets."""
+        """Process one ACK frame; ``ranges`` ascending half-open. Returns the number of newly acked packets.
+
+        ``rtt_sample=False``: the ACK came back on another path (multipath): no RTT sample from it."""
         if not ranges:
             return 0
         largest = ranges[-1][1] - 1
@@ -396,7 +415,7 @@ class Recovery:
 
         rtt = self.rtt
         p = acked[-1]
-        if ack_eliciting and p.pn == largest:
+        if ack_eliciting and p.pn == largest and rtt_sample:
             latest_rtt = now - p.sent_time
             if latest_rtt < 0.0:
                 latest_rtt = 0.0
@@ -419,7 +438,11 @@ class Recovery:
                 acked_bytes, last_sent_time, now, rtt, 2 * bytes_in_flight_before < cc.congestion_window
             )
         if rtt.has_sample:
-            self.pacer.update(cc.congestion_window, rtt.smoothed_rtt)
+            rate = cc.pacing_rate
+            if rate is None:
+                self.pacer.update(cc.congestion_window, rtt.smoothed_rtt)
+            else:
+                self.pacer.set_rate(rate, cc.send_quantum)
 
         if self.is_client and not (self.peer_completed_address_validation or self.handshake_confirmed):
             if space.name == "handshake":
@@ -492,13 +515,18 @@ class Recovery:
 
         if congestion_sent_time is not None:
             cc = self.cc
+            cc.on_packets_lost(sum([p.sent_bytes for p in lost if p.in_flight and not p.is_mtu_probe]), now)
             cc.on_congestion_event(congestion_sent_time, now)
             if self.first_rtt_sample_time is not None and self._in_persistent_congestion(lost):
                 self.persistent_congestion_events += 1
                 cc.on_persistent_congestion(now)
                 self.rtt.min_rtt = self.rtt.latest_rtt  # RFC 9002 §5.2
             if self.rtt.has_sample:
-                self.pacer.update(cc.congestion_window, self.rtt.smoothed_rtt)
+                rate = cc.pacing_rate
+                if rate is None:
+                    self.pacer.update(cc.congestion_window, self.rtt.smoothed_rtt)
+                else:
+                    self.pacer.set_rate(rate, cc.send_quantum)
 
         for p in lost:
             if p.handlers:
@@ -547,6 +575,7 @@ class Recovery:
     def _pto_time_and_space(self) -> tuple[float | None, SentSpace | None]:
         backoff = 2 ** min(self.pto_count, MAX_PTO_BACKOFF_EXPONENT)
         base = self.pto_duration(False)
+        cap = self.max_pto_period
         best_time = None
         best_space = None
         for space in self.spaces:
@@ -555,7 +584,11 @@ class Recovery:
             if space.is_handshake:
                 t = space.time_of_last_ack_eliciting + base * backoff
             elif self.handshake_confirmed:
-                t = space.time_of_last_ack_eliciting + (base + self.peer_max_ack_delay) * backoff
+                period = (base + self.peer_max_ack_delay) * backoff
+                if cap is not None and period > cap:
+                    # multipath: a dead path is probed at a bounded pace while others carry the traffic
+                    period = max(cap, base + self.peer_max_ack_delay)
+                t = space.time_of_last_ack_eliciting + period
             else:
                 continue  # no PTO for Application Data before the handshake is confirmed
             if best_time is None or t < best_time:
@@ -656,7 +689,11 @@ class Recovery:
         self.cc.on_max_datagram_size(size)
         self.pacer.max_datagram_size = size
         if self.rtt.has_sample:
-            self.pacer.update(self.cc.congestion_window, self.rtt.smoothed_rtt)
+            rate = self.cc.pacing_rate
+            if rate is None:
+                self.pacer.update(self.cc.congestion_window, self.rtt.smoothed_rtt)
+            else:
+                self.pacer.set_rate(rate, self.cc.send_quantum)
 
     def __repr__(self) -> str:
         return (

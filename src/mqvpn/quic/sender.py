@@ -75,17 +75,20 @@ class SenderMixin:
             return out
         self._pre_send(now)
         paths = self._paths
-        # minrtt: the lowest-RTT path goes first (control frames, and DATAGRAMs until its window is full)
-        order = list(paths.values()) if len(paths) == 1 else sorted(paths.values(),
-                                                                     key=lambda p: p.recovery.rtt.smoothed_rtt)
+        # usable paths first, lowest RTT first: control frames, stream data and the shared DATAGRAM queue go to
+        # the first with room; the others send only what belongs to them (ACKs, probes, path validation)
+        usable = self._scheduler.refresh(now)
+        if len(paths) == 1:
+            order = paths.values()
+        else:
+            order = usable + [p for p in paths.values() if not p.usable and p.state != PathState.ABANDONED]
         for path in order:
-            if path.state == PathState.ABANDONED:
-                continue
             self._send_on_path(path, now, out)
         return out
 
     def _pre_send(self, now: float) -> None:
-        if self._key_update_requested and self._key_update_pending_ack is None and self._handshake_confirmed:
+        if (self._key_update_requested and self._key_update_pending_ack is None and self._handshake_confirmed
+                and now >= self._key_update_not_before):
             self._key_update_requested = False
             self._rotate_send_key()
             self.key_updates += 1
@@ -94,12 +97,18 @@ class SenderMixin:
             self._recv_key_prev = None
 
     def _send_on_path(self, path: Path, now: float, out: list) -> None:
+        if path.state == PathState.ABANDONED:
+            return
         rec = path.recovery
         space = path.space
-        if (self._datagrams and self._handshake_confirmed and not space.ack_now and not space.probes
-                and (space.ack_at is None or space.ack_at > now) and not self._has_control_frames(path)
-                and path.state == PathState.ACTIVE and (path.validated or self.is_client)):
-            self._send_datagrams_fast(path, now, out)
+        if ((path.dgrams or self._datagrams and path.usable) and self._handshake_confirmed and not space.ack_now
+                and not space.probes and (space.ack_at is None or space.ack_at > now)
+                and not self._has_control_frames(path) and path.state == PathState.ACTIVE
+                and (path.validated or self.is_client)):
+            if path.dgrams:
+                self._send_datagrams_fast(path, now, out, path.dgrams)
+            if self._datagrams and path.usable:
+                self._send_datagrams_fast(path, now, out, self._datagrams)
         # anti-amplification: a server sends at most 3x what it received on an unvalidated path
         limit = None if path.validated or self.is_client else 3 * path.bytes_received - path.bytes_sent
         handshake_path = path is self._path0
@@ -235,9 +244,18 @@ class SenderMixin:
             can_send_data = False
         pkt = _Packet(ONE_RTT, space, capacity)
         self._write_ack(pkt, space, now)
+        usable = path.usable
+        if usable and self._multipath:
+            # acknowledgements of paths that cannot carry them themselves (dead, or abandoned and waiting
+            # out their 3 PTO) travel on a usable one
+            for other in self._paths.values():
+                if other is not path and not other.usable and other.space.ack_queue and (
+                        other.space.ack_now or other.state == PathState.ABANDONED and other.space.ack_eliciting_pending
+                        or other.dead_since is not None and other.space.ack_at is not None):
+                    self._write_ack(pkt, other.space, now, force=True)
         if can_send_data:
-            self._write_control_frames(pkt, path, now)
-            if self._crypto[ONE_RTT].sender.has_data_to_send:
+            self._write_control_frames(pkt, path, now, usable)
+            if usable and self._crypto[ONE_RTT].sender.has_data_to_send:
                 self._write_crypto(pkt, ONE_RTT)
             if path.responses:
                 while path.responses and pkt.buf.capacity - pkt.buf.tell() >= 9:
@@ -245,12 +263,15 @@ class SenderMixin:
                     pkt.buf.push_bytes(path.responses.pop(0))
                 pkt.ack_eliciting = pkt.in_flight = True
                 pad = True
-            self._write_datagrams(pkt)
-            self._write_streams(pkt)
+            if path.dgrams:
+                self._write_datagrams(pkt, path.dgrams)
+            if usable:
+                self._write_datagrams(pkt, self._datagrams)
+                self._write_streams(pkt)
             if probe and not pkt.ack_eliciting:
                 pkt.buf.push_uint_var(F.FrameType.PING)
                 pkt.ack_eliciting = pkt.in_flight = True
-            if pkt.buf.tell() == 0 and self._needs_pmtu_probe(path, now, cwnd_room):
+            if pkt.buf.tell() == 0 and path.dead_since is None and self._needs_pmtu_probe(path, now, cwnd_room):
                 return self._build_pmtu_probe(path, rec, now)
         elif path.responses:
             # PATH_RESPONSE is not congestion controlled
@@ -293,21 +314,20 @@ class SenderMixin:
         if pkt.in_flight:
             rec.pacer.on_packet_sent(len(data), now)
         path.packets_sent += 1
-        self._after_1rtt_sent(pn)
+        self._after_1rtt_sent(pn, path)
         if pkt.ack_eliciting:
             self._on_ack_eliciting_sent(now)
         if self._qlog is not None:
             self._qlog_packet("quic:packet_sent", ONE_RTT, path, pn, len(data))
         return data
 
-    def _send_datagrams_fast(self, path: Path, now: float, out: list) -> None:
+    def _send_datagrams_fast(self, path: Path, now: float, out: list, datagrams) -> None:
         """The hot path: short-header packets that carry DATAGRAM frames only, built back to back.
 
         Runs only when nothing else is waiting (no ACK due, no control frame, no probe), so each packet is a fixed
         header + one or more DATAGRAM frames; no Buffer, no frame loop, no per-packet objects beyond the
         SentPacket record that loss recovery and congestion control need.
         """
-        datagrams = self._datagrams
         rec = path.recovery
         cc = rec.cc
         pacer = rec.pacer
@@ -369,15 +389,17 @@ class SenderMixin:
             self.datagrams_sent += count
             if self._packets_in_phase == 0 and self._key_update_pending_ack is None:
                 self._key_update_pending_ack = first_pn
+                self._key_update_path = path
             self._packets_in_phase += count
             if self._packets_in_phase >= self.configuration.key_update_after_packets:
                 self._key_update_requested = True
             if not self._last_ack_eliciting_sent_since_rx:
                 self._on_ack_eliciting_sent(now)
 
-    def _after_1rtt_sent(self, pn: int) -> None:
+    def _after_1rtt_sent(self, pn: int, path: Path) -> None:
         if self._key_update_pending_ack is None and self._packets_in_phase == 0:
             self._key_update_pending_ack = pn
+            self._key_update_path = path
         self._packets_in_phase += 1
         if self._packets_in_phase >= self.configuration.key_update_after_packets and self._handshake_confirmed:
             self._key_update_requested = True
@@ -388,8 +410,8 @@ class SenderMixin:
             self._last_ack_eliciting_sent_since_rx = True
             self._idle_at = now + self._idle_period
 
-    def _write_ack(self, pkt: _Packet, space: PacketSpace, now: float) -> None:
-        if not space.ack_queue or not (space.ack_now or (space.ack_at is not None and now >= space.ack_at)
+    def _write_ack(self, pkt: _Packet, space: PacketSpace, now: float, force: bool = False) -> None:
+        if not space.ack_queue or not (force or space.ack_now or (space.ack_at is not None and now >= space.ack_at)
                                        or space.probes or pkt.epoch != ONE_RTT and space.ack_eliciting_pending):
             return
         if pkt.epoch == ONE_RTT:
@@ -426,6 +448,7 @@ class SenderMixin:
 
     def _has_control_frames(self, path: Path) -> bool:
         return bool(self._max_data_pending or self._stream_queue or self._new_cid_pending or self._retire_pending
+                    or self._max_path_id_pending or self._path_status_pending
                     or self._mp_retire_pending or self._path_abandon_pending
                     or self._handshake_done_pending or self._ping_pending or path.responses
                     or path.challenge is not None and path.challenge_sent_at is None
@@ -434,7 +457,8 @@ class SenderMixin:
                     or self._data_blocked_pending or path.space.probes
                     or self._crypto[ONE_RTT].sender.has_data_to_send)
 
-    def _write_control_frames(self, pkt: _Packet, path: Path, now: float) -> None:
+    def _write_control_frames(self, pkt: _Packet, path: Path, now: float, usable: bool = True) -> None:
+        """Connection-wide control frames go on usable paths only; a path's own (PATH_CHALLENGE) on it."""
         buf = pkt.buf
 
         def room() -> int:
@@ -442,6 +466,26 @@ class SenderMixin:
 
         handlers = pkt.handlers
         wrote = False
+        if not usable:
+            if path.challenge is not None and path.challenge_sent_at is None and room() >= 9:
+                buf.push_uint_var(F.FrameType.PATH_CHALLENGE)
+                buf.push_bytes(path.challenge)
+                path.challenge_sent_at = now
+                path.challenge_tries += 1
+                pkt.pad_to = MIN_UDP_PAYLOAD
+                pkt.ack_eliciting = pkt.in_flight = True
+            return
+        if self._max_path_id_pending and room() >= 9:
+            F.push_max_path_id(buf, self._local_max_path_id)
+            self._max_path_id_pending = False
+            handlers.append((self._on_max_path_id_delivered, (self._local_max_path_id,)))
+            wrote = True
+        while self._path_status_pending and room() >= 17:
+            status_path, available = self._path_status_pending.popitem()
+            seq = self._path_status_seq[status_path]
+            F.push_path_status(buf, status_path, seq, available)
+            handlers.append((self._on_path_status_delivered, (status_path, seq, available)))
+            wrote = True
         if self._handshake_done_pending and room() >= 1:
             buf.push_uint_var(F.FrameType.HANDSHAKE_DONE)
             self._handshake_done_pending = False
@@ -511,9 +555,8 @@ class SenderMixin:
         if wrote:
             pkt.ack_eliciting = pkt.in_flight = True
 
-    def _write_datagrams(self, pkt: _Packet) -> None:
+    def _write_datagrams(self, pkt: _Packet, datagrams) -> None:
         buf = pkt.buf
-        datagrams = self._datagrams
         while datagrams:
             data = datagrams[0]
             room = buf.capacity - buf.tell()
@@ -636,6 +679,15 @@ class SenderMixin:
     def _on_new_cid_delivered(self, delivered: bool, record: CidRecord) -> None:
         if not delivered and not record.retired:
             self._new_cid_pending.append(record)
+
+    def _on_max_path_id_delivered(self, delivered: bool, value: int) -> None:
+        if not delivered and value == self._local_max_path_id:
+            self._max_path_id_pending = True
+
+    def _on_path_status_delivered(self, delivered: bool, path_id: int, seq: int, available: bool) -> None:
+        # only the newest status of a path is sent again (§3.3)
+        if not delivered and self._path_status_seq.get(path_id) == seq and path_id not in self._path_status_pending:
+            self._path_status_pending[path_id] = available
 
     def _on_path_abandon_delivered(self, delivered: bool, path_id: int, code: int) -> None:
         if not delivered:

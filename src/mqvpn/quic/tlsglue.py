@@ -9,6 +9,7 @@ from aioquic import tls
 
 from mqvpn.quic import events as ev
 from mqvpn.quic.constants import (
+    DEAD_PROBE_INTERVAL,
     CRYPTO_BUFFER_LIMIT,
     HANDSHAKE,
     INITIAL,
@@ -137,6 +138,7 @@ class TlsMixin:
                                         "multipath needs non-zero-length connection IDs")
             self._multipath = True
             self._peer_max_path_id = params.initial_max_path_id
+            self._path0.recovery.max_pto_period = DEAD_PROBE_INTERVAL
         if self._qlog is not None:
             self._qlog.event(self._now, "quic:parameters_set", {
                 "owner": "remote", "max_idle_timeout": params.max_idle_timeout,

@@ -1,0 +1,308 @@
+"""Which path each DATAGRAM takes when a connection has several (draft-ietf-quic-multipath): ``minrtt``, ``wlb``
+and ``backup``.
+
+Every scheduler works with the same notion of a *usable* path, recomputed by ``refresh`` before each round of
+sending (``datagrams_to_send``), never per packet:
+
+* ACTIVE (validated), not dead, no PTO outstanding, and no packet waiting for its acknowledgement longer than a
+  PTO: a path that stopped answering gets no new data after one PTO (even while it is kept busy, which would
+  keep pushing its PTO timer out), long before it is declared dead; its queue moves to the others;
+* paths marked backup (PATH_STATUS_BACKUP, by either side) only when no available path is usable;
+* when no path qualifies, the ACTIVE paths with the fewest PTOs (a single-path connection keeps sending).
+
+Usable paths, lowest smoothed RTT first, carry control frames and stream data (the connection sends on them in
+that order).
+
+DATAGRAMs wait in queues: one shared by the connection (``conn._datagrams``), drained by the usable paths in
+order of their smoothed RTT, and one per path (``path.dgrams``), drained by that path only.
+
+* ``minrtt``: everything in the shared queue: the lowest-RTT path with congestion window room takes the next one.
+* ``backup``: ``minrtt``, and every path after the first is announced to the peer as a backup path, so both ends
+  keep the extra paths idle until the first one fails.
+* ``wlb`` (weighted load balancing, the default): a DATAGRAM goes into one path's queue when it is queued.
+  TCP flows (``flow`` != 0: a hash of the inner 5-tuple, computed by the caller) are pinned to a path so that one
+  flow is not reordered; new flows are spread in proportion to each path's capacity (weighted round robin over
+  flow counts: the path minimising (flows + 1) / rate); about once a second pins move toward that proportion
+  (at most a few flows per second: a path that comes back is used again at once, without reshuffling every flow),
+  and pins on a path that is no longer usable move at the flow's next packet. A pinned path whose queue has
+  grown past the point where another path would deliver the packet earlier spills packets (earliest arrival)
+  without re-pinning the flow. Other packets (``flow == 0``) take the path where they would arrive first
+  (queue wait + one-way delay): a ping stays on the fast path, bulk UDP spreads over all of them.
+
+Capacity (``rate``) is the path's measured delivery rate (``Recovery.bandwidth``, a windowed maximum) or what its
+congestion window allows (cwnd / SRTT), whichever is higher; one-way delay is SRTT / 2. Queued bytes are estimated
+as packets x path MTU: enqueueing costs a dict lookup and a comparison for a pinned flow, a short loop over the
+paths for the others.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mqvpn.quic.path import PathState
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mqvpn.quic.path import Path
+
+SCHEDULERS = ("wlb", "minrtt", "backup")
+
+SPILL_MARGIN = 0.005  # seconds: spill only when another path delivers at least this much earlier
+REBALANCE_INTERVAL = 1.0  # seconds between pin maintenance rounds
+PIN_IDLE = 30.0  # seconds without a packet after which a flow's pin is forgotten
+FLOW_ACTIVE = 2.0  # a flow seen within this many seconds counts when balancing
+MAX_PINS = 65536  # beyond: the oldest pins are dropped at the next maintenance round
+
+
+class Scheduler:
+    """``minrtt``; the base of the others. ``conn`` is the QuicConnection (its ``_paths``, ``_datagrams``)."""
+
+    name = "minrtt"
+
+    def __init__(self, conn, queue_limit: int) -> None:
+        self.conn = conn
+        self.queue_limit = queue_limit
+        self.usable: list[Path] = []  # lowest SRTT first
+
+    # -- called once per round of sending ---------------------------------------------------------------------
+    def refresh(self, now: float) -> list[Path]:
+        """Recompute which paths are usable; returns them, lowest smoothed RTT first."""
+        conn = self.conn
+        client = conn.is_client
+        active = []
+        for p in conn._paths.values():
+            p.usable = False
+            if p.state == PathState.ACTIVE and (p.validated or client):
+                active.append(p)
+        healthy = [p for p in active if p.dead_since is None and p.recovery.pto_count == 0
+                   and p.recovery.unanswered_for(now) <= p.recovery.pto_duration()]
+        chosen = [p for p in healthy if not p.backup] or healthy
+        if not chosen and active:
+            fewest = min(p.recovery.pto_count for p in active)
+            chosen = [p for p in active if p.recovery.pto_count == fewest and p.dead_since is None] or \
+                [p for p in active if p.recovery.pto_count == fewest]
+        if len(chosen) > 1:
+            chosen.sort(key=_srtt)
+        for p in chosen:
+            p.usable = True
+        self.usable = chosen
+        self._prepare(now)
+        # a path that lost its place hands its queue to the others
+        for p in conn._paths.values():
+            if not p.usable and p.dgrams:
+                q = p.dgrams
+                p.dgrams = type(q)()
+                if chosen:
+                    for data in q:
+                        self.requeue(data)
+                else:
+                    conn.datagrams_dropped += len(q)
+        return chosen
+
+    def _prepare(self, now: float) -> None:
+        """Per-round state of a scheduler, once ``usable`` is known."""
+
+    # -- called per DATAGRAM ----------------------------------------------------------------------------------
+    def enqueue(self, data: bytes, flow: int) -> bool:
+        q = self.conn._datagrams
+        if len(q) >= self.queue_limit:
+            return False
+        q.append(data)
+        return True
+
+    def requeue(self, data: bytes) -> None:
+        """A DATAGRAM whose path stopped being usable (no flow: it may go anywhere)."""
+        q = self.conn._datagrams
+        if len(q) < self.queue_limit:
+            q.append(data)
+        else:
+            self.conn.datagrams_dropped += 1
+
+    def queued(self) -> int:
+        return len(self.conn._datagrams) + sum(len(p.dgrams) for p in self.conn._paths.values())
+
+    def on_path_opened(self, path: Path) -> None:
+        """A new path exists (the ``backup`` scheduler marks it)."""
+
+
+class BackupScheduler(Scheduler):
+    """``minrtt`` over the first path; every later path is announced as a backup (PATH_STATUS_BACKUP)."""
+
+    name = "backup"
+
+    def on_path_opened(self, path: Path) -> None:
+        if path.path_id != 0:
+            self.conn.set_path_status(path.path_id, available=False)
+
+
+class WlbScheduler(Scheduler):
+    """Weighted load balancing with TCP flow pinning (see the module docstring)."""
+
+    name = "wlb"
+
+    def __init__(self, conn, queue_limit: int) -> None:
+        super().__init__(conn, queue_limit)
+        self.pins: dict[int, list] = {}  # flow hash -> [path_id, last packet time]
+        self.flows: dict[int, int] = {}  # path_id -> pinned flows (as of the last maintenance + new pins)
+        self.entries: list[list] = []  # per usable path: [path, queue, seconds per byte, one-way delay, spill bytes]
+        self.by_id: dict[int, list] = {}
+        self.next_maintenance = 0.0
+        self.mtu = 1200
+        self.spills = 0  # stats
+        self.moves = 0
+
+    def _prepare(self, now: float) -> None:
+        chosen = self.usable
+        entries = []
+        for p in chosen:
+            rec = p.recovery
+            srtt = rec.rtt.smoothed_rtt
+            rate = rec.cc.congestion_window / srtt if srtt > 0 else 0.0
+            if rec.bandwidth > rate:
+                rate = rec.bandwidth
+            if rate < 1000.0:
+                rate = 1000.0
+            entries.append([p, p.dgrams, 1.0 / rate, srtt / 2.0, 0.0])
+        if len(entries) > 1:
+            for e in entries:
+                other = min(f[3] for f in entries if f is not e)
+                # queued bytes beyond which another path delivers a new packet earlier (by SPILL_MARGIN)
+                wait = other - e[3] + SPILL_MARGIN
+                e[4] = wait / e[2] if wait > 0 else 0.0
+        else:
+            for e in entries:
+                e[4] = float("inf")
+        self.entries = entries
+        self.by_id = {e[0].path_id: e for e in entries}
+        if chosen:
+            self.mtu = min(p.mtu for p in chosen)
+        if now >= self.next_maintenance:
+            self.next_maintenance = now + REBALANCE_INTERVAL
+            self._maintain(now)
+
+    # -- per DATAGRAM -----------------------------------------------------------------------------------------
+    def enqueue(self, data: bytes, flow: int) -> bool:
+        entries = self.entries
+        if not entries:
+            return super().enqueue(data, flow)
+        if flow:
+            pin = self.pins.get(flow)
+            e = self.by_id.get(pin[0]) if pin is not None else None
+            if e is None:
+                e = self._pin(flow, pin)
+            else:
+                pin[1] = self.conn._now
+            q = e[1]
+            if len(q) * self.mtu > e[4]:
+                best = self._earliest()
+                if best is not e:
+                    self.spills += 1
+                    e = best
+                    q = e[1]
+        else:
+            e = self._earliest() if len(entries) > 1 else entries[0]
+            q = e[1]
+        if len(q) >= self.queue_limit:
+            return False
+        q.append(data)
+        return True
+
+    def requeue(self, data: bytes) -> None:
+        if not self.entries:
+            super().requeue(data)
+            return
+        q = self._earliest()[1]
+        if len(q) < self.queue_limit:
+            q.append(data)
+        else:
+            self.conn.datagrams_dropped += 1
+
+    def _earliest(self) -> list:
+        mtu = self.mtu
+        best = None
+        best_t = 0.0
+        for e in self.entries:
+            t = len(e[1]) * mtu * e[2] + e[3]
+            if best is None or t < best_t:
+                best, best_t = e, t
+        return best
+
+    def _best_for_new_flow(self, exclude: int | None = None) -> list:
+        flows = self.flows
+        best = None
+        best_score = 0.0
+        for e in self.entries:
+            pid = e[0].path_id
+            if pid == exclude:
+                continue
+            score = (flows.get(pid, 0) + 1) * e[2]  # (flows + 1) / rate
+            if best is None or score < best_score:
+                best, best_score = e, score
+        return best
+
+    def _pin(self, flow: int, pin: list | None) -> list:
+        e = self._best_for_new_flow()
+        pid = e[0].path_id
+        if pin is None:
+            self.pins[flow] = [pid, self.conn._now]
+        else:  # its path went away: move it
+            old = pin[0]
+            if self.flows.get(old, 0) > 0:
+                self.flows[old] -= 1
+            pin[0] = pid
+            pin[1] = self.conn._now
+        self.flows[pid] = self.flows.get(pid, 0) + 1
+        return e
+
+    # -- about once a second ----------------------------------------------------------------------------------
+    def _maintain(self, now: float) -> None:
+        pins = self.pins
+        by_id = self.by_id
+        stale = [f for f, pin in pins.items() if now - pin[1] > PIN_IDLE or pin[0] not in by_id]
+        for f in stale:
+            del pins[f]
+        if len(pins) > MAX_PINS:
+            for f, _pin in sorted(pins.items(), key=lambda kv: kv[1][1])[: len(pins) - MAX_PINS]:
+                del pins[f]
+        active: dict[int, list[int]] = {pid: [] for pid in by_id}
+        for f, pin in pins.items():
+            if now - pin[1] <= FLOW_ACTIVE:
+                active[pin[0]].append(f)
+        self.flows = {pid: len(fs) for pid, fs in active.items()}
+        if len(by_id) < 2:
+            return
+        total = sum(self.flows.values())
+        if total == 0:
+            return
+        # the distribution new flows would get, one by one (weighted round robin over flow counts)
+        target = {pid: 0 for pid in by_id}
+        for _ in range(total):
+            best = min(self.entries, key=lambda e: ((target[e[0].path_id] + 1) * e[2], e[3]))
+            target[best[0].path_id] += 1
+        budget = max(1, total // 8)
+        while budget:
+            over = max(by_id, key=lambda pid: self.flows[pid] - target[pid])
+            under = min(by_id, key=lambda pid: self.flows[pid] - target[pid])
+            if self.flows[over] - target[over] <= 0 or self.flows[under] - target[under] >= 0:
+                return
+            flow = active[over].pop()
+            pins[flow][0] = under
+            active[under].append(flow)
+            self.flows[over] -= 1
+            self.flows[under] += 1
+            self.moves += 1
+            budget -= 1
+
+
+def _srtt(p: Path) -> float:
+    return p.recovery.rtt.smoothed_rtt
+
+
+def create(name: str, conn, queue_limit: int) -> Scheduler:
+    name = (name or "wlb").lower()
+    if name == "wlb":
+        return WlbScheduler(conn, queue_limit)
+    if name == "minrtt":
+        return Scheduler(conn, queue_limit)
+    if name == "backup":
+        return BackupScheduler(conn, queue_limit)
+    raise ValueError(f"unknown scheduler {name!r} (available: {', '.join(SCHEDULERS)})")

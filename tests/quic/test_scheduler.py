@@ -1,0 +1,236 @@
+"""Multipath DATAGRAM schedulers (quic/scheduler.py) on fake paths with a fake clock: which path is usable,
+minrtt's shared queue, wlb's flow pinning by capacity, spilling, earliest-arrival for unpinned packets,
+rebalancing when a path comes back, and the backup rule."""
+
+from collections import deque
+
+import pytest
+
+from mqvpn.quic.path import Path, PathState
+from mqvpn.quic.recovery import Recovery, SentPacket
+from mqvpn.quic.scheduler import REBALANCE_INTERVAL, create
+
+
+class FakeConn:
+    def __init__(self, name, rates_rtts, queue_limit=1000):
+        self.is_client = True
+        self._now = 0.0
+        self._datagrams = deque()
+        self.datagrams_dropped = 0
+        self._paths = {}
+        self.status = []
+        for pid, (mbit, rtt) in enumerate(rates_rtts):
+            self.add_path(pid, mbit, rtt)
+        self.sched = create(name, self, queue_limit)
+
+    def add_path(self, pid, mbit, rtt):
+        rec = Recovery()
+        rec.rtt.update(rtt, 0.0, True, 0.025)
+        rec.bandwidth = mbit * 1e6 / 8
+        rec.cc.congestion_window = 2 * 1200  # the capacity must come from the measured rate here
+        p = Path(pid, ("10.0.0.%d" % pid, 1), ("192.0.2.1", 443), rec, 1400)
+        p.state = PathState.ACTIVE
+        p.validated = True
+        self._paths[pid] = p
+        return p
+
+    def set_path_status(self, path_id, available):
+        self.status.append((path_id, available))
+        self._paths[path_id].local_backup = not available
+
+    def refresh(self, dt=0.0):
+        self._now += dt
+        return self.sched.refresh(self._now)
+
+    def where(self, flow):
+        return self.sched.pins[flow][0]
+
+
+def tcp(i):
+    return 0x1000 + i
+
+
+def test_usable_paths_lowest_rtt_first_and_the_rules():
+    c = FakeConn("minrtt", [(100, 0.06), (300, 0.02), (50, 0.04)])
+    assert [p.path_id for p in c.refresh()] == [1, 2, 0]
+    c._paths[1].recovery.pto_count = 1  # one PTO outstanding: no new data
+    assert [p.path_id for p in c.refresh()] == [2, 0]
+    c._paths[1].recovery.pto_count = 0
+    c._paths[2].dead_since = 0.0
+    c._paths[0].state = PathState.VALIDATING
+    assert [p.path_id for p in c.refresh()] == [1]
+    # a path whose oldest packet waits longer than a PTO is not given more, even before its PTO fires
+    c._paths[2].dead_since = None
+    rec = c._paths[1].recovery
+    rec.on_packet_sent(_space(rec), SentPacket(0, c._now, 1200, True, True))
+    assert [p.path_id for p in c.refresh(0.001)] == [1, 2]
+    assert [p.path_id for p in c.refresh(rec.pto_duration())] == [2]
+    # nothing healthy: the active paths with the fewest PTOs (a connection keeps sending somewhere)
+    c._paths[2].recovery.pto_count = 2
+    assert [p.path_id for p in c.refresh()] == [1]
+
+
+def _space(rec):
+    from mqvpn.quic.recovery import SentSpace
+
+    s = SentSpace("app")
+    rec.spaces.append(s)
+    return s
+
+
+def test_single_path_is_always_used():
+    c = FakeConn("wlb", [(10, 0.05)])
+    c._paths[0].recovery.pto_count = 5
+    assert [p.path_id for p in c.refresh()] == [0]
+    assert c.sched.enqueue(b"x", tcp(1))
+    assert len(c._paths[0].dgrams) == 1
+
+
+def test_minrtt_uses_the_shared_queue():
+    c = FakeConn("minrtt", [(300, 0.02), (80, 0.06)])
+    c.refresh()
+    for i in range(10):
+        assert c.sched.enqueue(b"x", tcp(i % 3))
+    assert len(c._datagrams) == 10 and not any(p.dgrams for p in c._paths.values())
+
+
+def test_queue_limit_drops_and_counts_nothing_itself():
+    c = FakeConn("minrtt", [(300, 0.02)], queue_limit=5)
+    c.refresh()
+    assert all(c.sched.enqueue(b"x", 0) for _ in range(5))
+    assert not c.sched.enqueue(b"x", 0)
+
+
+def test_wlb_spreads_flows_in_proportion_to_capacity():
+    c = FakeConn("wlb", [(300, 0.02), (80, 0.06)])
+    c.refresh()
+    for f in range(16):
+        c.sched.enqueue(b"x", tcp(f))
+    on = [c.where(tcp(f)) for f in range(16)]
+    assert on.count(1) == round(16 * 80 / 380)  # 3 of 16 on B, 13 on A
+    # a flow stays where it was pinned
+    for _ in range(5):
+        for f in range(16):
+            c.sched.enqueue(b"x", tcp(f))
+    assert [c.where(tcp(f)) for f in range(16)] == on
+
+
+def test_wlb_single_flow_goes_to_the_faster_path():
+    for rates in ([(80, 0.06), (300, 0.02)], [(300, 0.02), (80, 0.06)]):
+        c = FakeConn("wlb", rates)
+        c.refresh()
+        c.sched.enqueue(b"x", tcp(0))
+        fast = 0 if rates[0][0] == 300 else 1
+        assert c.where(tcp(0)) == fast
+
+
+def test_wlb_unpinned_packets_take_the_earliest_arrival():
+    c = FakeConn("wlb", [(300, 0.02), (80, 0.06)])
+    c.refresh()
+    c.sched.enqueue(b"ping", 0)
+    assert len(c._paths[0].dgrams) == 1  # a lone ping takes the fast path
+    # a burst spreads: once A's queue wait exceeds the 20 ms one-way difference, B delivers earlier
+    for _ in range(2000):
+        c.sched.enqueue(b"x" * 1300, 0)
+    a, b = len(c._paths[0].dgrams), len(c._paths[1].dgrams)
+    assert a > b > 0
+    # ... so that the last packet on either arrives at about the same time (queue wait + one-way delay)
+    arrive_a = a * 1400 / 37.5e6 + 0.01
+    arrive_b = b * 1400 / 10e6 + 0.03
+    assert arrive_a == pytest.approx(arrive_b, abs=2 * 1400 / 10e6)
+
+
+def test_wlb_pinned_flow_spills_only_when_its_path_backs_up():
+    c = FakeConn("wlb", [(300, 0.02), (80, 0.06)])
+    c.refresh()
+    c.sched.enqueue(b"x", tcp(0))
+    a, b = c._paths[0], c._paths[1]
+    for _ in range(100):
+        c.sched.enqueue(b"x" * 1300, tcp(0))
+    assert len(b.dgrams) == 0 and c.sched.spills == 0  # a short queue on A: no reordering
+    # A's queue grows past 20 ms (+ margin) of its rate: B now delivers earlier, packets spill, the pin stays
+    for _ in range(1500):
+        c.sched.enqueue(b"x" * 1300, tcp(0))
+    assert len(b.dgrams) > 0 and c.sched.spills > 0 and c.where(tcp(0)) == 0
+    assert len(a.dgrams) * 1400 / 37.5e6 > 0.02  # A queued at least the one-way difference before spilling
+
+
+def test_wlb_pins_move_off_a_path_that_stops_being_usable_and_its_queue_too():
+    c = FakeConn("wlb", [(300, 0.02), (80, 0.06)])
+    c.refresh()
+    for f in range(8):
+        for _ in range(3):
+            c.sched.enqueue(b"x", tcp(f))
+    a, b = c._paths[0], c._paths[1]
+    queued = len(a.dgrams) + len(b.dgrams)
+    a.dead_since = c._now
+    c.refresh(0.01)
+    assert not a.dgrams and len(b.dgrams) == queued  # nothing lost
+    for f in range(8):
+        c.sched.enqueue(b"x", tcp(f))
+    assert all(c.where(tcp(f)) == 1 for f in range(8))
+
+
+def test_wlb_returning_path_is_used_again_within_seconds_without_a_reshuffle():
+    c = FakeConn("wlb", [(300, 0.02), (80, 0.06)])
+    a, b = c._paths[0], c._paths[1]
+    a.dead_since = 0.0
+    c.refresh()
+    for f in range(16):
+        c.sched.enqueue(b"x", tcp(f))
+    assert all(c.where(tcp(f)) == 1 for f in range(16))
+    a.dead_since = None  # A answers again
+    moved = []
+    for second in range(1, 11):
+        for _ in range(10):
+            c.refresh(REBALANCE_INTERVAL / 10)
+            for f in range(16):
+                c.sched.enqueue(b"x", tcp(f))
+        moved.append(sum(1 for f in range(16) if c.where(tcp(f)) == 0))
+    assert moved[1] >= 1  # A carries a flow within a maintenance round or two
+    assert all(m2 - m1 <= 2 for m1, m2 in zip([0] + moved, moved))  # a few flows per second, not all at once
+    assert moved[-1] == 13  # and ends in proportion to capacity
+
+
+def test_wlb_single_flow_returns_to_the_faster_path():
+    c = FakeConn("wlb", [(300, 0.02), (80, 0.06)])
+    a = c._paths[0]
+    a.dead_since = 0.0
+    c.refresh()
+    c.sched.enqueue(b"x", tcp(0))
+    assert c.where(tcp(0)) == 1
+    a.dead_since = None
+    for _ in range(int(1.5 * 10)):
+        c.refresh(REBALANCE_INTERVAL / 10)
+        c.sched.enqueue(b"x", tcp(0))
+    assert c.where(tcp(0)) == 0
+
+
+def test_wlb_forgets_idle_pins():
+    c = FakeConn("wlb", [(300, 0.02), (80, 0.06)])
+    c.refresh()
+    c.sched.enqueue(b"x", tcp(0))
+    assert tcp(0) in c.sched.pins
+    c.refresh(31.0)
+    c.refresh(1.1)
+    assert tcp(0) not in c.sched.pins
+
+
+def test_backup_paths_only_when_no_available_path_is_usable():
+    c = FakeConn("backup", [(300, 0.02)])
+    c.refresh()
+    b = c.add_path(1, 80, 0.01)  # faster RTT, but a backup
+    c.sched.on_path_opened(b)
+    assert c.status == [(1, False)] and b.backup
+    assert [p.path_id for p in c.refresh()] == [0]
+    c._paths[0].dead_since = c._now
+    assert [p.path_id for p in c.refresh()] == [1]
+    # the peer's wish counts as much as ours, under any scheduler
+    w = FakeConn("wlb", [(300, 0.02), (80, 0.06)])
+    w._paths[1].peer_backup = True
+    assert [p.path_id for p in w.refresh()] == [0]
+
+
+def test_unknown_scheduler_name():
+    with pytest.raises(ValueError, match="wlb"):
+        create("fec", FakeConn("minrtt", []), 10)
