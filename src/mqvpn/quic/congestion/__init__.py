@@ -1,4 +1,4 @@
-"""Congestion control: the controller interface and registry, NewReno, CUBIC, and the pacer."""
+"""Congestion control: the controller interface and registry, NewReno, CUBIC, BBR, and the pacer."""
 
 from .base import (
     CongestionController,
@@ -8,11 +8,13 @@ from .base import (
     minimum_window,
     register,
 )
+from .bbr import Bbr
 from .cubic import Cubic
 from .newreno import NewReno
 from .pacer import Pacer
 
 __all__ = [
+    "Bbr",
     "CongestionController",
     "Cubic",
     "NewReno",

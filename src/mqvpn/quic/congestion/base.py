@@ -33,9 +33,16 @@ class CongestionController:
     ``ssthresh`` is ``math.inf`` until the first congestion event.
     ``recovery_start_time`` is the time the current recovery period started (``-inf`` when none):
     a packet sent at or before it belongs to the recovery period (RFC 9002 §7.3.2).
+
+    Pacing: ``pacing_rate`` (bytes/s) is None for window-based controllers, and the pacer then derives its rate
+    from the window (``Pacer.update``: 1.25 * cwnd / srtt). A model-based controller sets it to the rate it wants
+    (and ``send_quantum`` to the bytes it lets leave back to back); ``Recovery`` hands both to ``Pacer.set_rate``
+    wherever it would otherwise call ``Pacer.update``.
     """
 
     name = "base"
+    pacing_rate: float | None = None  # bytes/s chosen by the controller; None: derived from the window
+    send_quantum: int = 0  # bytes per pacing burst when ``pacing_rate`` is set (the pacer clamps it)
 
     def __init__(self, max_datagram_size: int = 1200) -> None:
         self.max_datagram_size = max_datagram_size
@@ -74,6 +81,14 @@ class CongestionController:
         ``app_limited``: the sender was not using its window (RFC 9002 §7.8): do not grow.
         """
         raise NotImplementedError
+
+    def on_packets_lost(self, lost_bytes: int, now: float) -> None:
+        """``lost_bytes`` of in-flight packets (MTU probes excluded) were just declared lost, in one batch.
+
+        Called by ``Recovery`` before ``on_congestion_event`` for the same batch, after ``bytes_in_flight`` has
+        dropped them. No-op by default: window-based controllers only need the congestion event; model-based
+        ones (BBR) measure the loss rate with it.
+        """
 
     def on_congestion_event(self, sent_time: float, now: float) -> None:
         """Loss of an in-flight packet sent at ``sent_time``: reduce once per recovery period."""
@@ -124,16 +139,19 @@ def available() -> list[str]:
 
 
 def congestion_control_name(settings) -> str:
-    """The controller to use for a daemon's ``cc`` setting: a registered name, else CUBIC (logged once).
+    """The controller to use for a daemon's ``cc`` setting: a registered name, else CUBIC (with a warning).
 
-    The reference's default is BBRv2; until a BBR-style controller is registered here, ``bbr``/``bbr2`` run CUBIC.
+    The reference's default is BBRv2: ``bbr``, ``bbr2`` and ``bbrv2`` all select the BBR-style model-based
+    controller (``bbr.py``) and return ``"bbr"``; an alias returns the name its class is registered under.
     """
     import logging
 
     from mqvpn.quic import congestion  # noqa: F401  (registers the built-in controllers)
 
     wanted = (getattr(settings, "cc", None) or "cubic").lower()
-    if wanted in available():
-        return wanted
-    logging.getLogger("mqvpn").warning("congestion control %r is not available yet: using cubic", wanted)
+    cls = _registry.get(wanted)
+    if cls is not None:
+        # an alias ("bbr2") reports the algorithm's own name ("bbr") when that is registered to the same class
+        return cls.name if _registry.get(cls.name) is cls else wanted
+    logging.getLogger("mqvpn").warning("congestion control %r is not available: using cubic", wanted)
     return "cubic"

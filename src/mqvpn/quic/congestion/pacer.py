@@ -1,4 +1,4 @@
-"""Token-bucket pacer (RFC 9002 §7.7): rate = 1.25 * congestion_window / smoothed_rtt.
+"""Token-bucket pacer (RFC 9002 §7.7): rate = 1.25 * congestion_window / smoothed_rtt, or a rate set by the controller.
 
 The bucket is kept as a single float, the virtual time ``_empty_at`` at which it holds no tokens
 (tokens at ``now`` = ``min(capacity, (now - _empty_at) * rate)``), so a send costs one max, one multiply and
@@ -8,7 +8,11 @@ Sending is allowed while the bucket is not in debt (``now >= _empty_at``); a pac
 its own size. The capacity lets ``burst`` bytes leave back to back, where ``burst`` is half the congestion
 window clamped to [2, 16] full-size datagrams (16 keeps a full GSO batch together on a large window).
 
-Until ``update`` is first called (no RTT sample yet) the pacer does not pace.
+A model-based controller (BBR) that publishes its own ``pacing_rate`` has it applied with ``set_rate`` instead of
+``update`` (``Recovery`` picks one or the other); the burst is then the controller's send quantum, clamped to the
+same [2, 16] datagrams.
+
+Until ``update`` or ``set_rate`` is first called (no RTT sample yet) the pacer does not pace.
 """
 
 from __future__ import annotations
@@ -40,6 +44,26 @@ class Pacer:
         mss = self.max_datagram_size
         rate = PACING_GAIN * congestion_window / smoothed_rtt
         burst = congestion_window // 2
+        if burst < MIN_BURST_PACKETS * mss:
+            burst = MIN_BURST_PACKETS * mss
+        elif burst > MAX_BURST_PACKETS * mss:
+            burst = MAX_BURST_PACKETS * mss
+        inv = 1.0 / rate
+        self.rate = rate
+        self.burst = burst
+        self._inv_rate = inv
+        self._burst_time = (burst - mss) * inv + _SLACK
+
+    def set_rate(self, rate: float, burst_bytes: int = 0) -> None:
+        """Pace at ``rate`` bytes/s chosen by the congestion controller, letting ``burst_bytes`` leave back to back
+        (clamped to [2, 16] datagrams). A rate that is not positive and finite stops pacing."""
+        if not 0.0 < rate < float("inf"):
+            self.rate = float("inf")
+            self._inv_rate = 0.0
+            self._burst_time = 0.0
+            return
+        mss = self.max_datagram_size
+        burst = int(burst_bytes)
         if burst < MIN_BURST_PACKETS * mss:
             burst = MIN_BURST_PACKETS * mss
         elif burst > MAX_BURST_PACKETS * mss:
