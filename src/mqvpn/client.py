@@ -25,13 +25,16 @@ from mqvpn.linux.journal import JournalBusy, run_dir
 from mqvpn.masque.connectip import AddressesAssigned, TunnelClosed
 from mqvpn.quic.config import QuicConfiguration
 from mqvpn.quic.congestion.base import congestion_control_name
-from mqvpn.quic.events import MtuUpdated, PathAbandoned, PathValidated
+from mqvpn.quic.events import MtuUpdated, PathAbandoned, PathLiveness, PathValidated
+from mqvpn.quic.path import PathState
 from mqvpn.tunnel import ALPN_H3, Tunnel, TunnelError, open_tunnel
 
 _log = logging.getLogger("mqvpn.client")
 
 BACKOFF_MAX = 60.0
-DEFAULT_MAX_PATH_ID = 8  # path IDs are never reused: room for paths coming and going
+DEFAULT_MAX_PATH_ID = 8  # open path IDs at a time (an abandoned one is replaced by the server 3 PTO later)
+FIRST_PATH_TRY = 4.0  # seconds a handshake may take over one --path interface before the next one is tried
+PATH_KEEPER_INTERVAL = 2.0  # seconds between checks that every usable --path interface has a path
 IPV6_MIN_MTU = 1280
 ICMP_PER_SECOND = 100
 SPLIT_ROUTES_V4 = ("0.0.0.0/1", "128.0.0.0/1")
@@ -51,6 +54,7 @@ def client_quic_configuration(settings: Any) -> QuicConfiguration:
         idle_timeout=15.0,
         keepalive_interval=5.0,
         congestion_control=congestion_control_name(settings),
+        scheduler=getattr(settings, "scheduler", None) or "wlb",
         datagram_queue_limit=1024,
         # multipath (draft-ietf-quic-multipath-21) when the user gave more than one --path
         initial_max_path_id=(settings.init_max_path_id or DEFAULT_MAX_PATH_ID) if len(settings.paths or ()) > 1
@@ -85,6 +89,10 @@ class VpnClient:
         self._addresses: list = []
         self._mtu = 0
         self._path_names: dict[int, str] = {}  # path ID -> interface
+        self._iface_path: dict[str, int] = {}  # --path interface -> the path ID serving it now
+        self._path_sockets: dict[int, tuple] = {}  # path ID -> its own socket (paths after the first)
+        self._watcher = None  # LinkWatcher over the --path interfaces (carrier, addresses)
+        self._keeper: asyncio.Task | None = None
 
     # --- data path -------------------------------------------------------------------------------------------
 
@@ -150,6 +158,8 @@ class VpnClient:
         self.journal = ChangeJournal(journal_path)
         host, port = s.server
         exit_code = 0
+        if s.paths:
+            self._start_link_watcher(list(s.paths))
         try:
             self.server_ip = await self._resolve(host, port)
             if s.kill_switch:
@@ -202,54 +212,154 @@ class VpnClient:
             pass
 
     async def _connect_once(self) -> None:
+        """Connect over the first usable --path interface; a dead one does not block the connect: after
+        FIRST_PATH_TRY seconds without a handshake the next interface is tried."""
         s = self.settings
         paths = list(s.paths or ())
-        options = {"bind_device": paths[0]} if paths else {}
-        opening = asyncio.ensure_future(open_tunnel((self.server_ip, s.server[1]), client_quic_configuration(s),
-                                                    auth_key=s.auth_key, on_packet=self._from_tunnel,
-                                                    authority=_authority(s.server), **options))
-        stopper = asyncio.ensure_future(self._stop.wait())
-        done, _ = await asyncio.wait({opening, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if opening not in done:
-            opening.cancel()
-            raise TunnelError("stopped", retry=False)
-        stopper.cancel()
-        self.tunnel = opening.result()
+        candidates = [i for i in paths if self._watcher is None or self._watcher.usable(i)] or paths
+        candidates += [i for i in paths if i not in candidates]
+        attempts = candidates or [None]
+        for n, iface in enumerate(attempts):
+            last = n == len(attempts) - 1
+            options = {"bind_device": iface} if iface else {}
+            opening = asyncio.ensure_future(open_tunnel(
+                (self.server_ip, s.server[1]), client_quic_configuration(s), auth_key=s.auth_key,
+                on_packet=self._from_tunnel, authority=_authority(s.server),
+                timeout=10.0 if last else FIRST_PATH_TRY, **options))
+            stopper = asyncio.ensure_future(self._stop.wait())
+            done, _ = await asyncio.wait({opening, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if opening not in done:
+                opening.cancel()
+                raise TunnelError("stopped", retry=False)
+            stopper.cancel()
+            try:
+                self.tunnel = opening.result()
+            except TunnelError as exc:
+                if last or not exc.retry:
+                    raise
+                _log.warning("no handshake over %s (%s): trying %s", iface, exc, attempts[n + 1])
+                continue
+            break
+        self._path_names = {0: iface or "the default route"}
+        self._iface_path = {iface: 0} if iface else {}
+        self._path_sockets = {}
         _log.info("connected to %s:%d%s, address %s", s.server[0], s.server[1],
-                  f" over {paths[0]}" if paths else "", ", ".join(str(a) for a in self.tunnel.addresses))
-        self._open_extra_paths(paths[1:])
+                  f" over {iface}" if iface else "", ", ".join(str(a) for a in self.tunnel.addresses))
+        others = [i for i in paths if i != iface]
+        if others and not self.tunnel.handle.quic.multipath:
+            _log.warning("the server does not support multipath QUIC: using %s only", iface)
+            return
+        for other in others:
+            if self._watcher is None or self._watcher.usable(other):
+                self._open_path(other)
+        self.tunnel.handle.transmit()
 
     def _path_name(self, path_id: int) -> str:
-        if path_id == 0:
-            return self.settings.paths[0] if self.settings.paths else "the default route"
         return self._path_names.get(path_id, "?")
 
-    def _open_extra_paths(self, interfaces: list[str]) -> None:
-        """One UDP socket per further --path interface (SO_BINDTODEVICE), each a QUIC path of its own."""
+    def _path_live(self, path_id: int | None) -> bool:
+        if path_id is None or self.tunnel is None:
+            return False
+        path = self.tunnel.handle.quic._paths.get(path_id)
+        return path is not None and path.state != PathState.ABANDONED
+
+    def _open_path(self, iface: str) -> int | None:
+        """A fresh UDP socket bound to ``iface`` (SO_BINDTODEVICE) and a new QUIC path (path ID) over it."""
         tunnel = self.tunnel
         quic = tunnel.handle.quic
-        if not interfaces:
-            return
-        if not quic.multipath:
-            _log.warning("the server does not support multipath QUIC: using %s only", self.settings.paths[0])
-            return
+        if not quic.multipath or self._path_live(self._iface_path.get(iface)):
+            return None
         endpoint = tunnel.handle.endpoint
-        loop = asyncio.get_running_loop()
         family_any = "::" if ":" in self.server_ip else "0.0.0.0"
-        for iface in interfaces:
-            try:
-                key = endpoint.open_socket((family_any, 0), bind_device=iface)
-            except OSError as exc:
-                _log.warning("path %s: cannot open a socket: %s", iface, exc)
-                continue
-            path_id = quic.open_path(key, (self.server_ip, self.settings.server[1]), loop.time())
-            if path_id is None:
-                _log.warning("path %s: no path ID available from the server yet", iface)
-                endpoint.close_socket(key)
-                continue
-            self._path_names[path_id] = iface
-            _log.info("path %d over %s: validating", path_id, iface)
+        try:
+            key = endpoint.open_socket((family_any, 0), bind_device=iface)
+        except OSError as exc:
+            _log.warning("path over %s: cannot open a socket: %s", iface, exc)
+            return None
+        path_id = quic.open_path(key, (self.server_ip, self.settings.server[1]),
+                                 asyncio.get_running_loop().time())
+        if path_id is None:
+            _log.info("path over %s: no path ID available yet (retrying)", iface)
+            endpoint.close_socket(key)
+            return None
+        previous = self._iface_path.get(iface)
+        if previous is not None:
+            quic.scheduler.inherit(previous, path_id)  # the same link: start from what was learnt about it
+        self._path_names[path_id] = iface
+        self._iface_path[iface] = path_id
+        self._path_sockets[path_id] = key
+        _log.info("path %d over %s: validating", path_id, iface)
         tunnel.handle.transmit()
+        return path_id
+
+    def _drop_path(self, path_id: int, reason: str) -> None:
+        """The interface of a path went away: abandon the path at once (PATH_ABANDON on another path)."""
+        tunnel = self.tunnel
+        if tunnel is None or tunnel.closed:
+            return
+        if self._path_live(path_id):
+            if tunnel.handle.quic.abandon_path(path_id):
+                _log.warning("path %d over %s: down (%s)", path_id, self._path_name(path_id), reason)
+                tunnel.handle.transmit()
+        self._close_path_socket(path_id)
+
+    def _close_path_socket(self, path_id: int) -> None:
+        key = self._path_sockets.pop(path_id, None)
+        if key is not None and self.tunnel is not None:
+            # a little later: the PATH_ABANDON (sent on another path) may still need this path's ACKs
+            asyncio.get_running_loop().call_later(1.0, self._close_socket_key, self.tunnel.handle.endpoint, key)
+
+    @staticmethod
+    def _close_socket_key(endpoint, key) -> None:
+        try:
+            endpoint.close_socket(key)
+        except (ValueError, OSError):
+            pass
+
+    # --- link watching and path keeping ---------------------------------------------------------------------
+
+    def _start_link_watcher(self, interfaces: list[str]) -> None:
+        from mqvpn.linux.linkwatch import LinkWatcher
+
+        try:
+            watcher = LinkWatcher(interfaces, self._on_link_change)
+            watcher.start(asyncio.get_running_loop())
+        except OSError as exc:
+            _log.warning("cannot watch links (%s): paths follow PTOs only", exc)
+            return
+        self._watcher = watcher
+
+    def _on_link_change(self, iface: str, usable: bool) -> None:
+        if self.tunnel is None or self.tunnel.closed:
+            return
+        path_id = self._iface_path.get(iface)
+        if not usable:
+            if path_id is not None:
+                self._drop_path(path_id, "link lost")
+        elif not self._path_live(path_id):
+            self._open_path(iface)
+
+    async def _keep_paths(self) -> None:
+        """Backstop (the netlink watch covers link events): every usable --path interface without a live path
+        gets a new one, e.g. after the server abandoned it or it stayed dead for long."""
+        paths = list(self.settings.paths or ())
+        while True:
+            await asyncio.sleep(PATH_KEEPER_INTERVAL)
+            tunnel = self.tunnel
+            if tunnel is None or tunnel.closed or not tunnel.handle.quic.multipath:
+                continue
+            if _log.isEnabledFor(logging.DEBUG):
+                _log.debug("paths: %s", "; ".join(
+                    f"{p.path_id} {self._path_name(p.path_id)} {p.state.name.lower()}"
+                    f"{' dead' if p.dead_since is not None else ''}{' usable' if p.usable else ''}"
+                    f" srtt {p.recovery.rtt.smoothed_rtt * 1000:.1f} ms pto {p.recovery.pto_count}"
+                    f" sent {p.packets_sent} received {p.packets_received}"
+                    for p in tunnel.handle.quic.paths))
+            for iface in paths:
+                if self._watcher is not None and not self._watcher.usable(iface):
+                    continue
+                if not self._path_live(self._iface_path.get(iface)):
+                    self._open_path(iface)
 
     async def _serve_tunnel(self) -> None:
         """Configure the host for the new tunnel, run until it closes or we are told to stop."""
@@ -282,12 +392,17 @@ class VpnClient:
         if self.settings.dns and self.dns is None:
             self._apply_dns()
         loop.add_reader(self.tun.fd, self._on_tun_readable)
+        if len(self.settings.paths or ()) > 1:
+            self._keeper = asyncio.ensure_future(self._keep_paths())
         stopper = asyncio.ensure_future(self._stop.wait())
         closer = asyncio.ensure_future(closed.wait())
         await asyncio.wait({stopper, closer}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
         closer.cancel()
         loop.remove_reader(self.tun.fd)
+        if self._keeper is not None:
+            self._keeper.cancel()
+            self._keeper = None
         if self._stop.is_set():
             tunnel.close()
             await asyncio.sleep(0.1)
@@ -296,10 +411,18 @@ class VpnClient:
     def _on_quic_event(self, event) -> None:
         if isinstance(event, MtuUpdated):
             self._update_mtu()
+        elif isinstance(event, PathLiveness):
+            if event.alive:
+                _log.info("path %d over %s: up (answering again)", event.path_id, self._path_name(event.path_id))
+            else:
+                _log.warning("path %d over %s: down (not answering; probed about once a second)", event.path_id,
+                             self._path_name(event.path_id))
         elif isinstance(event, PathAbandoned):
-            why = "the server abandoned it" if event.by_peer else "not answering (PTOs piled up)" \
-                if event.error_code == 0x3E76 else "abandoned"
-            _log.warning("path %d over %s: down (%s)", event.path_id, self._path_name(event.path_id), why)
+            if event.by_peer or event.error_code:
+                why = "the server abandoned it" if event.by_peer else "not answering for long" \
+                    if event.error_code == 0x3E76 else "abandoned"
+                _log.warning("path %d over %s: closed (%s)", event.path_id, self._path_name(event.path_id), why)
+            self._close_path_socket(event.path_id)
             self._update_mtu()
         elif isinstance(event, PathValidated) and event.path_id:
             _log.info("path %d over %s: up", event.path_id, self._path_name(event.path_id))
@@ -394,6 +517,10 @@ class VpnClient:
 
     async def _teardown(self, clean: bool) -> None:
         from mqvpn.linux.netlink import Netlink
+
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
 
         if self.tunnel is not None and not self.tunnel.closed:
             self.tunnel.close()

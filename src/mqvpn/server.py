@@ -38,6 +38,7 @@ def server_quic_configuration(settings: Any) -> QuicConfiguration:
         alpn_protocols=[ALPN_H3],
         idle_timeout=120.0,  # like the reference; clients send keep-alives
         congestion_control=congestion_control_name(settings),
+        scheduler=getattr(settings, "scheduler", None) or "wlb",
         datagram_queue_limit=1024,
         # multipath clients may open paths: grant path IDs (they are never reused, so leave room)
         initial_max_path_id=settings.init_max_path_id or DEFAULT_MAX_PATH_ID,

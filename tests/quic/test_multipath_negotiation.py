@@ -151,9 +151,12 @@ def test_client_opens_a_second_path_and_it_carries_traffic_when_the_first_dies(t
     pair.run(until=lambda: len(got) >= 150, max_time=3)
     assert len(got) >= 150
     assert server_path.packets_received > 100
-    # the path IDs used never come back: opening more finds none left (max 2 -> path 2 has CIDs, then none)
+    # the path IDs used never come back: path 2 is next, then 3 (granted in place of the forgotten path 0 with
+    # MAX_PATH_ID, 3 PTO after it was abandoned), then none while three are open
     assert pair.client.open_path(("10.0.2.1", 5000), SERVER_ADDR, pair.now) == 2
-    assert pair.client.open_path(("10.0.3.1", 5000), SERVER_ADDR, pair.now) is None
+    assert pair.client.paths_forgotten == 1 and pair.client._peer_max_path_id == 3
+    assert pair.client.open_path(("10.0.3.1", 5000), SERVER_ADDR, pair.now) == 3
+    assert pair.client.open_path(("10.0.4.1", 5000), SERVER_ADDR, pair.now) is None
 
 
 def test_no_paths_without_negotiation(test_pki):

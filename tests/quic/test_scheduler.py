@@ -17,6 +17,7 @@ class FakeConn:
         self._now = 0.0
         self._datagrams = deque()
         self.datagrams_dropped = 0
+        self._room_mtu = 1200
         self._paths = {}
         self.status = []
         for pid, (mbit, rtt) in enumerate(rates_rtts):
@@ -234,3 +235,53 @@ def test_backup_paths_only_when_no_available_path_is_usable():
 def test_unknown_scheduler_name():
     with pytest.raises(ValueError, match="wlb"):
         create("fec", FakeConn("minrtt", []), 10)
+
+
+def test_wlb_explores_an_unmeasured_path_with_one_flow():
+    """A path that never carried a flow looks slow (its rate is what it was given): with at least as many
+    flows as paths, maintenance gives it one, so its capacity gets measured."""
+    c = FakeConn("wlb", [(300, 0.02), (0.5, 0.06)])  # B measured at almost nothing
+    c.refresh()
+    for f in range(4):
+        c.sched.enqueue(b"x", tcp(f))
+    assert all(c.where(tcp(f)) == 0 for f in range(4))
+    for _ in range(12):
+        c.refresh(REBALANCE_INTERVAL / 10)
+        for f in range(4):
+            c.sched.enqueue(b"x", tcp(f))
+    assert sum(c.where(tcp(f)) == 1 for f in range(4)) == 1
+    # one flow alone stays on the fast path
+    single = FakeConn("wlb", [(300, 0.02), (0.5, 0.06)])
+    single.refresh()
+    single.sched.enqueue(b"x", tcp(0))
+    for _ in range(30):
+        single.refresh(REBALANCE_INTERVAL / 10)
+        single.sched.enqueue(b"x", tcp(0))
+    assert single.where(tcp(0)) == 0
+
+
+def test_a_path_still_searching_its_mtu_waits():
+    c = FakeConn("wlb", [(300, 0.02), (80, 0.06)])
+    c._room_mtu = 1400
+    c._paths[1].mtu = 1200  # just validated, PMTU search not done: larger DATAGRAMs would not fit
+    assert [p.path_id for p in c.refresh()] == [0]
+    c._paths[1].mtu = 1452
+    assert [p.path_id for p in c.refresh()] == [0, 1]
+
+
+def test_a_reopened_link_inherits_its_capacity():
+    c = FakeConn("wlb", [(300, 0.02), (80, 0.06)])
+    c.refresh()
+    c.sched.enqueue(b"x", tcp(0))
+    assert c.where(tcp(0)) == 0
+    del c._paths[0]  # link A lost: path 0 abandoned and forgotten; the flow moves to B
+    c.refresh(0.5)
+    c.sched.enqueue(b"x", tcp(0))
+    assert c.where(tcp(0)) == 1
+    a2 = c.add_path(2, 0.01, 0.02)  # A back as path 2: nothing measured yet
+    a2.recovery.bandwidth = 0.0
+    c.sched.inherit(0, 2)
+    for _ in range(15):
+        c.refresh(REBALANCE_INTERVAL / 10)
+        c.sched.enqueue(b"x", tcp(0))
+    assert c.where(tcp(0)) == 2  # the flow returns to the faster link

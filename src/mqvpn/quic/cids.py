@@ -8,7 +8,7 @@ import os
 
 from mqvpn.quic import events as ev
 from mqvpn.quic.config import MIN_UDP_PAYLOAD
-from mqvpn.quic.constants import DEAD_PROBE_INTERVAL
+from mqvpn.quic.constants import DEAD_PROBE_INTERVAL, PATH_UNSTABLE_OR_POOR
 from mqvpn.quic.crypto import (
     stateless_reset_token,
 )
@@ -169,6 +169,9 @@ class CidMixin:
     def _on_path_validation_failed(self, path: Path) -> None:
         if path is self._path0:
             self._terminate_now("path validation failed", QuicErrorCode.NO_VIABLE_PATH)
+        elif self._multipath and path.state != PathState.ABANDONED:
+            # a failed validation still consumes the path ID: abandon it (draft-ietf-quic-multipath §3.1)
+            self._abandon(path, PATH_UNSTABLE_OR_POOR, announce=True)
 
     # --- multipath: opening paths (draft-ietf-quic-multipath §3.1) -------------------------------------------
 
@@ -241,11 +244,8 @@ class CidMixin:
         path.challenge = None
         path.challenge_sent_at = None
         path.forget_at = self._now + 3 * self._max_pto()
-        if path.dgrams:
-            for data in path.dgrams:
-                self._scheduler.requeue(data)
-            path.dgrams.clear()
         self._update_datagram_room()
+        self._scheduler.refresh(self._now)  # its queued DATAGRAMs move to the paths left
         if not any(p.state != PathState.ABANDONED for p in self._paths.values()):
             # the last path: nothing can carry the connection any more (§3.4)
             self._terminate_now("last path abandoned", QuicErrorCode.NO_VIABLE_PATH)

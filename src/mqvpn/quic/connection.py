@@ -211,6 +211,7 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
         self._scheduler = create_scheduler(cfg.scheduler, self, cfg.datagram_queue_limit)
         self._remote_max_datagram = 0
         self._datagram_room = 0
+        self._room_mtu = MIN_UDP_PAYLOAD  # the path MTU the room was computed from
         # DATAGRAM frames of any size a UDP datagram can carry fit under our advertised limit (<= 65535)
         self._accept_datagrams = (cfg.max_datagram_frame_size or 0) >= MAX_UDP_DATAGRAM_FRAME
         self.datagrams_dropped = 0  # queue full or too large
@@ -336,7 +337,12 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
         if not self._remote_max_datagram:
             self._datagram_room = 0
             return
-        mtu = min((p.mtu for p in self._paths.values() if p.state == PathState.ACTIVE), default=MIN_UDP_PAYLOAD)
+        # paths still searching their PMTU (a path just opened) do not shrink the room: they carry no DATAGRAMs
+        # until their MTU reaches it (scheduler); when no path has finished a search, the smallest MTU counts
+        active = [p for p in self._paths.values() if p.state == PathState.ACTIVE]
+        sized = [p for p in active if p.pmtud_next_at is not None] if self.configuration.pmtud else active
+        mtu = min((p.mtu for p in (sized or active)), default=MIN_UDP_PAYLOAD)
+        self._room_mtu = mtu
         # the room must not change with the packet number length or the CID: count the largest of both
         room = mtu - (1 + 20 + MAX_PN_LEN) - AEAD_TAG_SIZE - 1
         self._datagram_room = max(0, min(room, self._remote_max_datagram - 1))
@@ -570,6 +576,7 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
             self._qlog_packet("quic:packet_received", epoch, path, pn, len(payload))
         self._idle_at = now + self._idle_period
         self._last_rx_at = now
+        path.last_rx_at = now
         self._last_ack_eliciting_sent_since_rx = False
         # record for ACK
         out_of_order = pn != space.largest_received + 1
@@ -657,6 +664,12 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
             t = self._last_rx_at + self._keepalive
             if deadline is None or t < deadline:
                 deadline = t
+            if self._multipath:
+                for path in self._paths.values():
+                    if path.state == PathState.ACTIVE:
+                        t = path.last_rx_at + self._keepalive
+                        if t < deadline:
+                            deadline = t
         return deadline
 
     def handle_timer(self, now: float) -> None:
@@ -712,6 +725,12 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
                 path.space.ack_now = True
         if self._recv_key_prev is not None and now >= self._recv_key_prev_until:
             self._recv_key_prev = None
+        if self._keepalive and self._multipath and self._handshake_confirmed:
+            # every path gets its own keep-alive: its NAT binding stays, and a dead idle path shows
+            for path in self._paths.values():
+                if path.state == PathState.ACTIVE and now >= path.last_rx_at + self._keepalive:
+                    path.last_rx_at = now
+                    path.ping_due = True
         if self._keepalive and self._handshake_confirmed and now >= self._last_rx_at + self._keepalive:
             self._last_rx_at = now  # one PING per interval while the peer stays silent
             self._ping_pending.append(KEEPALIVE_PING)

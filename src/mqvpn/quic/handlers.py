@@ -164,6 +164,11 @@ class FrameHandlersMixin:
         else:
             ack_delay = 0.0
         rec = path.recovery
+        if space.epoch == ONE_RTT and not path.app_rtt_sampled and rtt_sample:
+            # the handshake's RTT samples include the peer's TLS work (hundreds of ms for a busy server): the first
+            # 1-RTT sample starts the estimate afresh, so paths are compared (scheduling) on what they carry now
+            path.app_rtt_sampled = True
+            rec.rtt.has_sample = False
         rec.on_ack_received(space.sent, ranges, ack_delay, self._now, is_handshake_space=space.epoch != ONE_RTT,
                             rtt_sample=rtt_sample)
         if path.dead_since is not None and rec.pto_count == 0:

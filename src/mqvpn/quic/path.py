@@ -85,7 +85,8 @@ class Path:
         "space", "recovery", "peer_cid", "mtu", "challenge", "challenge_sent_at", "challenge_tries",
         "responses", "pmtud_probe", "pmtud_low", "pmtud_high", "pmtud_fails", "pmtud_next_at",
         "key_phase_start_pn", "packets_sent", "packets_received", "datagrams_sent", "datagrams_received",
-        "dgrams", "usable", "dead_since", "forget_at", "local_backup", "peer_backup",
+        "dgrams", "usable", "dead_since", "forget_at", "local_backup", "peer_backup", "last_rx_at", "ping_due",
+        "app_rtt_sampled",
     )
 
     def __init__(self, path_id: int, local_addr, remote_addr, recovery: Recovery, mtu: int) -> None:
@@ -121,6 +122,9 @@ class Path:
         self.forget_at: float | None = None  # abandoned: its state goes at this time (3 PTO after)
         self.local_backup = False  # we asked the peer (PATH_STATUS_BACKUP) to use it only as a backup
         self.peer_backup = False  # the peer asked us the same
+        self.last_rx_at = 0.0  # multipath keep-alive: a PING goes on a path silent for the keep-alive interval
+        self.ping_due = False
+        self.app_rtt_sampled = False  # path 0: RTT samples of the handshake are dropped at the first 1-RTT one
 
     @property
     def backup(self) -> bool:

@@ -4,7 +4,7 @@ and ``backup``.
 Every scheduler works with the same notion of a *usable* path, recomputed by ``refresh`` before each round of
 sending (``datagrams_to_send``), never per packet:
 
-* ACTIVE (validated), not dead, no PTO outstanding, and no packet waiting for its acknowledgement longer than a
+* ACTIVE (validated), its MTU (DPLPMTUD) at least what the connection's DATAGRAM room assumes, not dead, no PTO outstanding, and no packet waiting for its acknowledgement longer than a
   PTO: a path that stopped answering gets no new data after one PTO (even while it is kept busy, which would
   keep pushing its PTO timer out), long before it is declared dead; its queue moves to the others;
 * paths marked backup (PATH_STATUS_BACKUP, by either side) only when no available path is usable;
@@ -24,13 +24,16 @@ order of their smoothed RTT, and one per path (``path.dgrams``), drained by that
   flow is not reordered; new flows are spread in proportion to each path's capacity (weighted round robin over
   flow counts: the path minimising (flows + 1) / rate); about once a second pins move toward that proportion
   (at most a few flows per second: a path that comes back is used again at once, without reshuffling every flow),
+  and while there are at least as many flows as paths every path carries one (else an unused path's capacity
+  would never be measured),
   and pins on a path that is no longer usable move at the flow's next packet. A pinned path whose queue has
   grown past the point where another path would deliver the packet earlier spills packets (earliest arrival)
   without re-pinning the flow. Other packets (``flow == 0``) take the path where they would arrive first
   (queue wait + one-way delay): a ping stays on the fast path, bulk UDP spreads over all of them.
 
 Capacity (``rate``) is the path's measured delivery rate (``Recovery.bandwidth``, a windowed maximum) or what its
-congestion window allows (cwnd / SRTT), whichever is higher; one-way delay is SRTT / 2. Queued bytes are estimated
+congestion window allows (cwnd / SRTT), whichever is higher, and not below the highest rate seen in the last 10 s
+(a path back from an outage starts with a collapsed window); one-way delay is SRTT / 2. Queued bytes are estimated
 as packets x path MTU: enqueueing costs a dict lookup and a comparison for a pinned flow, a short loop over the
 paths for the others.
 """
@@ -50,6 +53,7 @@ SPILL_MARGIN = 0.005  # seconds: spill only when another path delivers at least 
 REBALANCE_INTERVAL = 1.0  # seconds between pin maintenance rounds
 PIN_IDLE = 30.0  # seconds without a packet after which a flow's pin is forgotten
 FLOW_ACTIVE = 2.0  # a flow seen within this many seconds counts when balancing
+CAPACITY_MEMORY = 10.0  # seconds a path's highest measured rate is remembered (outages, collapsed windows)
 MAX_PINS = 65536  # beyond: the oldest pins are dropped at the next maintenance round
 
 
@@ -69,9 +73,11 @@ class Scheduler:
         conn = self.conn
         client = conn.is_client
         active = []
+        room_mtu = conn._room_mtu
         for p in conn._paths.values():
             p.usable = False
-            if p.state == PathState.ACTIVE and (p.validated or client):
+            # a path whose PMTU search has not reached the connection's DATAGRAM room yet waits for it
+            if p.state == PathState.ACTIVE and (p.validated or client) and p.mtu >= room_mtu:
                 active.append(p)
         healthy = [p for p in active if p.dead_since is None and p.recovery.pto_count == 0
                    and p.recovery.unanswered_for(now) <= p.recovery.pto_duration()]
@@ -123,6 +129,10 @@ class Scheduler:
     def on_path_opened(self, path: Path) -> None:
         """A new path exists (the ``backup`` scheduler marks it)."""
 
+    def inherit(self, old_path_id: int, new_path_id: int) -> None:
+        """``new_path_id`` runs over the same link as ``old_path_id`` did (the client reopened an interface):
+        it starts with what was learnt about that link."""
+
 
 class BackupScheduler(Scheduler):
     """``minrtt`` over the first path; every later path is announced as a backup (PATH_STATUS_BACKUP)."""
@@ -147,18 +157,32 @@ class WlbScheduler(Scheduler):
         self.by_id: dict[int, list] = {}
         self.next_maintenance = 0.0
         self.mtu = 1200
+        self.capacity: dict[int, list] = {}  # path_id -> [highest rate seen lately, when]
         self.spills = 0  # stats
         self.moves = 0
+
+    def inherit(self, old_path_id: int, new_path_id: int) -> None:
+        known = self.capacity.get(old_path_id)
+        if known is not None and new_path_id not in self.capacity:
+            self.capacity[new_path_id] = list(known)
 
     def _prepare(self, now: float) -> None:
         chosen = self.usable
         entries = []
+        capacity = self.capacity
         for p in chosen:
             rec = p.recovery
             srtt = rec.rtt.smoothed_rtt
             rate = rec.cc.congestion_window / srtt if srtt > 0 else 0.0
             if rec.bandwidth > rate:
                 rate = rec.bandwidth
+            # remembered for CAPACITY_MEMORY: a path back from an outage (its window collapsed, its estimate
+            # restarted from a probe) keeps its weight and gets its flows back
+            known = capacity.get(p.path_id)
+            if known is None or rate >= known[0] or now - known[1] > CAPACITY_MEMORY:
+                capacity[p.path_id] = [rate, now]
+            else:
+                rate = known[0]
             if rate < 1000.0:
                 rate = 1000.0
             entries.append([p, p.dgrams, 1.0 / rate, srtt / 2.0, 0.0])
@@ -257,6 +281,9 @@ class WlbScheduler(Scheduler):
     def _maintain(self, now: float) -> None:
         pins = self.pins
         by_id = self.by_id
+        for pid in [pid for pid, (_rate, t) in self.capacity.items()
+                    if pid not in self.conn._paths and now - t > CAPACITY_MEMORY]:
+            del self.capacity[pid]
         stale = [f for f, pin in pins.items() if now - pin[1] > PIN_IDLE or pin[0] not in by_id]
         for f in stale:
             del pins[f]
@@ -278,6 +305,14 @@ class WlbScheduler(Scheduler):
         for _ in range(total):
             best = min(self.entries, key=lambda e: ((target[e[0].path_id] + 1) * e[2], e[3]))
             target[best[0].path_id] += 1
+        # exploration: a path without flows has no measured capacity (its rate is what it was given), so while
+        # there are at least as many flows as paths each path gets one: its capacity shows, the weights follow
+        if total >= len(by_id):
+            for pid in by_id:
+                if target[pid] == 0:
+                    donor = max(target, key=lambda q: target[q])
+                    target[donor] -= 1
+                    target[pid] = 1
         budget = max(1, total // 8)
         while budget:
             over = max(by_id, key=lambda pid: self.flows[pid] - target[pid])

@@ -249,9 +249,9 @@ class SenderMixin:
             # acknowledgements of paths that cannot carry them themselves (dead, or abandoned and waiting
             # out their 3 PTO) travel on a usable one
             for other in self._paths.values():
-                if other is not path and not other.usable and other.space.ack_queue and (
-                        other.space.ack_now or other.state == PathState.ABANDONED and other.space.ack_eliciting_pending
-                        or other.dead_since is not None and other.space.ack_at is not None):
+                if other is not path and other.space.ack_queue and (
+                        other.state == PathState.ABANDONED and other.space.ack_eliciting_pending
+                        or other.dead_since is not None and (other.space.ack_now or other.space.ack_at is not None)):
                     self._write_ack(pkt, other.space, now, force=True)
         if can_send_data:
             self._write_control_frames(pkt, path, now, usable)
@@ -448,7 +448,7 @@ class SenderMixin:
 
     def _has_control_frames(self, path: Path) -> bool:
         return bool(self._max_data_pending or self._stream_queue or self._new_cid_pending or self._retire_pending
-                    or self._max_path_id_pending or self._path_status_pending
+                    or self._max_path_id_pending or self._path_status_pending or path.ping_due
                     or self._mp_retire_pending or self._path_abandon_pending
                     or self._handshake_done_pending or self._ping_pending or path.responses
                     or path.challenge is not None and path.challenge_sent_at is None
@@ -466,6 +466,10 @@ class SenderMixin:
 
         handlers = pkt.handlers
         wrote = False
+        if path.ping_due and room() >= 1:
+            buf.push_uint_var(F.FrameType.PING)  # the path's keep-alive (lost: the next interval sends another)
+            path.ping_due = False
+            pkt.ack_eliciting = pkt.in_flight = True
         if not usable:
             if path.challenge is not None and path.challenge_sent_at is None and room() >= 9:
                 buf.push_uint_var(F.FrameType.PATH_CHALLENGE)
@@ -729,6 +733,10 @@ class SenderMixin:
             path.pmtud_fails = 0
         if path.pmtud_high - path.mtu < PMTUD_STEP_MIN:
             path.pmtud_next_at = now + PMTUD_RAISE_INTERVAL
+            old_room = self._datagram_room  # the search is done: the path's MTU now counts for the room
+            self._update_datagram_room()
+            if self._datagram_room != old_room:
+                self._events.append(ev.MtuUpdated(path.mtu, self._datagram_room))
             return False
         return cwnd_room >= path.pmtud_high
 
