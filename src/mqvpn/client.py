@@ -354,7 +354,8 @@ class VpnClient:
                     f"{' dead' if p.dead_since is not None else ''}{' usable' if p.usable else ''}"
                     f" srtt {p.recovery.rtt.smoothed_rtt * 1000:.1f} ms pto {p.recovery.pto_count}"
                     f" sent {p.packets_sent} received {p.packets_received}"
-                    for p in tunnel.handle.quic.paths))
+                    for p in tunnel.handle.quic.paths)
+                    + f"; scheduler {quic_stats(tunnel.handle.quic)}")
             for iface in paths:
                 if self._watcher is not None and not self._watcher.usable(iface):
                     continue
@@ -539,6 +540,12 @@ class VpnClient:
 
             nft.delete_table(self.kill_switch_table)
         _log.info("stopped; routes, DNS and addresses restored")
+
+
+def quic_stats(quic) -> str:
+    sched = quic.scheduler
+    return (f"{sched.name} spills {getattr(sched, 'spills', 0)} moves {getattr(sched, 'moves', 0)}"
+            f" dropped {quic.datagrams_dropped}")
 
 
 def _authority(server: tuple) -> str:

@@ -8,7 +8,7 @@ import pytest
 
 from mqvpn.quic.path import Path, PathState
 from mqvpn.quic.recovery import Recovery, SentPacket
-from mqvpn.quic.scheduler import REBALANCE_INTERVAL, create
+from mqvpn.quic.scheduler import QUEUE_MAX_DELAY, REBALANCE_INTERVAL, create
 
 
 class FakeConn:
@@ -141,19 +141,22 @@ def test_wlb_unpinned_packets_take_the_earliest_arrival():
     assert arrive_a == pytest.approx(arrive_b, abs=2 * 1400 / 10e6)
 
 
-def test_wlb_pinned_flow_spills_only_when_its_path_backs_up():
-    c = FakeConn("wlb", [(300, 0.02), (80, 0.06)])
+def test_wlb_pinned_flow_spills_only_when_its_path_queue_is_full():
+    c = FakeConn("wlb", [(300, 0.02), (80, 0.06)], queue_limit=100000)
     c.refresh()
     c.sched.enqueue(b"x", tcp(0))
     a, b = c._paths[0], c._paths[1]
-    for _ in range(100):
+    cap = int(300e6 / 8 * QUEUE_MAX_DELAY / 1400)  # 100 ms of A's rate
+    for _ in range(cap - 1):
         c.sched.enqueue(b"x" * 1300, tcp(0))
-    assert len(b.dgrams) == 0 and c.sched.spills == 0  # a short queue on A: no reordering
-    # A's queue grows past 20 ms (+ margin) of its rate: B now delivers earlier, packets spill, the pin stays
-    for _ in range(1500):
+    assert len(a.dgrams) == cap and len(b.dgrams) == 0 and c.sched.spills == 0  # no reordering before that
+    for _ in range(50):
+        assert c.sched.enqueue(b"x" * 1300, tcp(0))
+    assert len(b.dgrams) == 50 and c.sched.spills == 50 and c.where(tcp(0)) == 0  # spilled, still pinned to A
+    # when every queue is full, packets are dropped (the inner TCP backs off)
+    for _ in range(int(80e6 / 8 * QUEUE_MAX_DELAY / 1400)):
         c.sched.enqueue(b"x" * 1300, tcp(0))
-    assert len(b.dgrams) > 0 and c.sched.spills > 0 and c.where(tcp(0)) == 0
-    assert len(a.dgrams) * 1400 / 37.5e6 > 0.02  # A queued at least the one-way difference before spilling
+    assert not c.sched.enqueue(b"x" * 1300, tcp(0))
 
 
 def test_wlb_pins_move_off_a_path_that_stops_being_usable_and_its_queue_too():
@@ -190,7 +193,7 @@ def test_wlb_returning_path_is_used_again_within_seconds_without_a_reshuffle():
         moved.append(sum(1 for f in range(16) if c.where(tcp(f)) == 0))
     assert moved[1] >= 1  # A carries a flow within a maintenance round or two
     assert all(m2 - m1 <= 2 for m1, m2 in zip([0] + moved, moved))  # a few flows per second, not all at once
-    assert moved[-1] == 13  # and ends in proportion to capacity
+    assert moved[-1] in (12, 13)  # and ends in proportion to capacity (within the move hysteresis)
 
 
 def test_wlb_single_flow_returns_to_the_faster_path():

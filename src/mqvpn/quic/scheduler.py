@@ -26,10 +26,11 @@ order of their smoothed RTT, and one per path (``path.dgrams``), drained by that
   (at most a few flows per second: a path that comes back is used again at once, without reshuffling every flow),
   and while there are at least as many flows as paths every path carries one (else an unused path's capacity
   would never be measured),
-  and pins on a path that is no longer usable move at the flow's next packet. A pinned path whose queue has
-  grown past the point where another path would deliver the packet earlier spills packets (earliest arrival)
-  without re-pinning the flow. Other packets (``flow == 0``) take the path where they would arrive first
-  (queue wait + one-way delay): a ping stays on the fast path, bulk UDP spreads over all of them.
+  and pins on a path that is no longer usable move at the flow's next packet. Each path's queue holds at most
+  100 ms of its rate (the inner TCPs see a router-sized buffer, not seconds of latency); a pinned flow whose
+  path's queue is full (congestion-blocked) spills the packet to where it arrives first, without re-pinning,
+  rather than losing it. Other packets (``flow == 0``) take the path where they would arrive first (queue wait +
+  one-way delay): a ping stays on the fast path, bulk UDP spreads over all of them.
 
 Capacity (``rate``) is the path's measured delivery rate (``Recovery.bandwidth``, a windowed maximum) or what its
 congestion window allows (cwnd / SRTT), whichever is higher, and not below the highest rate seen in the last 10 s
@@ -49,7 +50,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 SCHEDULERS = ("wlb", "minrtt", "backup")
 
-SPILL_MARGIN = 0.005  # seconds: spill only when another path delivers at least this much earlier
+QUEUE_MAX_DELAY = 0.1  # seconds of a path's rate its queue holds at most (wlb)
+QUEUE_MIN_PACKETS = 256
+MOVE_GAIN = 1.2  # a pin moves only when the flow's share of capacity grows by this factor
 REBALANCE_INTERVAL = 1.0  # seconds between pin maintenance rounds
 PIN_IDLE = 30.0  # seconds without a packet after which a flow's pin is forgotten
 FLOW_ACTIVE = 2.0  # a flow seen within this many seconds counts when balancing
@@ -151,9 +154,10 @@ class WlbScheduler(Scheduler):
 
     def __init__(self, conn, queue_limit: int) -> None:
         super().__init__(conn, queue_limit)
-        self.pins: dict[int, list] = {}  # flow hash -> [path_id, last packet time]
+        self.pins: dict[int, list] = {}  # flow hash -> [path_id, last packet time, packets this round]
         self.flows: dict[int, int] = {}  # path_id -> pinned flows (as of the last maintenance + new pins)
-        self.entries: list[list] = []  # per usable path: [path, queue, seconds per byte, one-way delay, spill bytes]
+        # per usable path: [path, queue, seconds per byte, one-way delay, queue cap (packets)]
+        self.entries: list[list] = []
         self.by_id: dict[int, list] = {}
         self.next_maintenance = 0.0
         self.mtu = 1200
@@ -185,16 +189,11 @@ class WlbScheduler(Scheduler):
                 rate = known[0]
             if rate < 1000.0:
                 rate = 1000.0
-            entries.append([p, p.dgrams, 1.0 / rate, srtt / 2.0, 0.0])
-        if len(entries) > 1:
-            for e in entries:
-                other = min(f[3] for f in entries if f is not e)
-                # queued bytes beyond which another path delivers a new packet earlier (by SPILL_MARGIN)
-                wait = other - e[3] + SPILL_MARGIN
-                e[4] = wait / e[2] if wait > 0 else 0.0
-        else:
-            for e in entries:
-                e[4] = float("inf")
+            # the path's queue holds at most QUEUE_MAX_DELAY of its rate: beyond, packets are dropped as a
+            # router would (the inner TCPs back off) instead of piling up latency
+            cap = int(rate * QUEUE_MAX_DELAY / p.mtu)
+            cap = min(max(cap, QUEUE_MIN_PACKETS), self.queue_limit)
+            entries.append([p, p.dgrams, 1.0 / rate, srtt / 2.0, cap])
         self.entries = entries
         self.by_id = {e[0].path_id: e for e in entries}
         if chosen:
@@ -215,8 +214,10 @@ class WlbScheduler(Scheduler):
                 e = self._pin(flow, pin)
             else:
                 pin[1] = self.conn._now
+                pin[2] += 1
             q = e[1]
-            if len(q) * self.mtu > e[4]:
+            if len(q) >= e[4]:
+                # its path's queue is full: rather than drop, the packet spills to where it arrives first
                 best = self._earliest()
                 if best is not e:
                     self.spills += 1
@@ -225,7 +226,7 @@ class WlbScheduler(Scheduler):
         else:
             e = self._earliest() if len(entries) > 1 else entries[0]
             q = e[1]
-        if len(q) >= self.queue_limit:
+        if len(q) >= e[4]:
             return False
         q.append(data)
         return True
@@ -267,18 +268,24 @@ class WlbScheduler(Scheduler):
         e = self._best_for_new_flow()
         pid = e[0].path_id
         if pin is None:
-            self.pins[flow] = [pid, self.conn._now]
+            self.pins[flow] = [pid, self.conn._now, 1]
         else:  # its path went away: move it
             old = pin[0]
             if self.flows.get(old, 0) > 0:
                 self.flows[old] -= 1
             pin[0] = pid
             pin[1] = self.conn._now
+            pin[2] += 1
         self.flows[pid] = self.flows.get(pid, 0) + 1
         return e
 
     # -- about once a second ----------------------------------------------------------------------------------
     def _maintain(self, now: float) -> None:
+        self._rebalance(now)
+        for pin in self.pins.values():
+            pin[2] = 0  # packets per maintenance round
+
+    def _rebalance(self, now: float) -> None:
         pins = self.pins
         by_id = self.by_id
         for pid in [pid for pid, (_rate, t) in self.capacity.items()
@@ -319,7 +326,17 @@ class WlbScheduler(Scheduler):
             under = min(by_id, key=lambda pid: self.flows[pid] - target[pid])
             if self.flows[over] - target[over] <= 0 or self.flows[under] - target[under] >= 0:
                 return
-            flow = active[over].pop()
+            # hysteresis: a flow moves only for a clearly better share (a move reorders it once), except to give an
+            # unused path its first flow
+            if self.flows[under] and (by_id[under][2] * (self.flows[under] + 1) * MOVE_GAIN
+                                      > by_id[over][2] * self.flows[over]):
+                return
+            # the busiest flow balances best; a path's first flow (exploration) is the quietest one, so a bulk
+            # transfer is not moved onto a path nobody measured yet
+            candidates = active[over]
+            pick = min if not self.flows[under] else max
+            flow = pick(candidates, key=lambda f: pins[f][2])
+            candidates.remove(flow)
             pins[flow][0] = under
             active[under].append(flow)
             self.flows[over] -= 1
