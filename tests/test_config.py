@@ -903,6 +903,10 @@ def test_help_lists_every_flag(capsys):
     for opt in OPTIONS:
         for flag in opt.flags:
             assert flag in out
+    # a flag that turns a setting off says so (the option's text describes the setting)
+    squashed = " ".join(out.split())
+    for flag in ("--no-reconnect", "--no-nat", "--no-manage-routes"):
+        assert re.search(re.escape(flag) + r" do not ", squashed), flag
 
 
 @pytest.mark.parametrize(

@@ -885,6 +885,8 @@ def build_parser() -> argparse.ArgumentParser:
         if opt.kind == ACTION:
             parser.add_argument(*opt.flags, dest=opt.name, action="store_true", help=help_text)
         elif opt.kind == SWITCH:
+            if not opt.flag_value:  # the flag turns the setting off: say so (the help text describes the setting)
+                help_text = f"do not {help_text}" if not help_text.startswith("do not ") else help_text
             parser.add_argument(*opt.flags, dest=opt.name, action="store_const", const=opt.flag_value, help=help_text)
         elif opt.kind == LIST:
             parser.add_argument(*opt.flags, dest=opt.name, action="append", metavar=opt.metavar, help=help_text)

@@ -118,6 +118,7 @@ class Sim:
         pacer = rec.pacer
         while True:
             if rec.bytes_in_flight >= cc.congestion_window:
+                rec.on_cwnd_limited()  # as the connection's sender does
                 return INF
             t = pacer.next_send_time(now)
             if t is not None:

@@ -28,8 +28,12 @@ def run_steady(r, s, rate, rtt, seconds, start=0.0, pn0=0, app_limited=False):
     events.sort()
     for t, kind, pn in events:
         if kind == 0:
-            if app_limited:
+            if app_limited is None:
+                pass  # neither: a fresh path nobody loaded yet
+            elif app_limited:
                 r.on_app_limited()  # what the sender reports each time it has room but nothing to send
+            else:
+                r.on_cwnd_limited()  # a sender with more to send than the window allows
             r.on_packet_sent(s, SentPacket(pn, t, MSS, True, True))
         else:
             r.on_ack_received(s, [(pn, pn + 1)], 0.0, t)
@@ -115,3 +119,13 @@ def test_windowed_max_expires():
     assert f.update(3.0, 0.5, 1.0) == 10.0
     assert f.update(2.0, 1.2, 1.0) < 10.0
     assert f.update(1.0, 5.0, 1.0) == 1.0
+
+
+def test_a_path_counts_as_application_limited_until_its_window_is_first_full():
+    """The handshake's trickle says nothing of a path's rate: samples are application-limited (and the path not
+    measured) until the sender finds the window full once."""
+    r, s = make()
+    pn, t = run_steady(r, s, rate=50_000.0, rtt=0.05, seconds=0.3, app_limited=None)
+    assert r.rs_app_limited and not r.bandwidth_measured
+    run_steady(r, s, rate=1_000_000.0, rtt=0.05, seconds=0.5, start=t, pn0=pn)
+    assert not r.rs_app_limited and r.bandwidth_measured

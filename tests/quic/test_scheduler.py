@@ -28,6 +28,7 @@ class FakeConn:
         rec = Recovery()
         rec.rtt.update(rtt, 0.0, True, 0.025)
         rec.bandwidth = mbit * 1e6 / 8
+        rec.bandwidth_measured = True  # as if the path had been loaded
         rec.cc.congestion_window = 2 * 1200  # the capacity must come from the measured rate here
         p = Path(pid, ("10.0.0.%d" % pid, 1), ("192.0.2.1", 443), rec, 1400)
         p.state = PathState.ACTIVE
@@ -283,8 +284,29 @@ def test_a_reopened_link_inherits_its_capacity():
     assert c.where(tcp(0)) == 1
     a2 = c.add_path(2, 0.01, 0.02)  # A back as path 2: nothing measured yet
     a2.recovery.bandwidth = 0.0
+    a2.recovery.bandwidth_measured = False
     c.sched.inherit(0, 2)
     for _ in range(15):
         c.refresh(REBALANCE_INTERVAL / 10)
         c.sched.enqueue(b"x", tcp(0))
     assert c.where(tcp(0)) == 2  # the flow returns to the faster link
+
+
+def test_wlb_unloaded_paths_rank_as_the_best_and_ties_go_to_the_lower_rtt():
+    """A path never loaded has only shown what it was given: it must not lose flows for that. With nothing
+    measured a lone flow takes the lower-RTT path even if the other's window looks larger."""
+    c = FakeConn("wlb", [(1, 0.02), (1, 0.06)])
+    for p in c._paths.values():
+        p.recovery.bandwidth = 0.0
+        p.recovery.bandwidth_measured = False
+    c._paths[1].recovery.cc.congestion_window = 100 * 1200  # B's idle window looks large
+    c.refresh()
+    c.sched.enqueue(b"x", tcp(0))
+    assert c.where(tcp(0)) == 0
+    # A measured at 100 Mbit/s, B never loaded: B counts as 100 too, so new flows also go there and measure it
+    a = c._paths[0].recovery
+    a.bandwidth, a.bandwidth_measured = 100e6 / 8, True
+    c.refresh(0.1)
+    for f in range(1, 8):
+        c.sched.enqueue(b"x", tcp(f))
+    assert sum(c.where(tcp(f)) == 1 for f in range(8)) >= 3

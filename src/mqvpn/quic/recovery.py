@@ -251,12 +251,15 @@ class Recovery:
         self.delivered = 0  # bytes acknowledged so far
         self.delivered_time = 0.0
         self.first_sent_time = 0.0
-        self.app_limited_until = 0  # packets sent while delivered < this are application-limited
+        # packets sent while delivered < this are application-limited; a path is taken as application-limited
+        # until its window is first found full (``on_cwnd_limited``): a handshake's samples say nothing of its rate
+        self.app_limited_until = 1 << 62
         self.rs_rate = 0.0  # last sample, bytes/s (0.0: none or invalid)
         self.rs_app_limited = False
         self.rs_delivered = 0
         self.rs_interval = 0.0
         self.bandwidth = 0.0  # windowed maximum of the samples, bytes/s (0.0 until the first one)
+        self.bandwidth_measured = False  # a sample of a loaded (not application-limited) path was seen
         self._bw_filter = WindowedMax()
         self.cc.recovery = self
         # skip the per-packet call when the controller does not care about sends
@@ -291,6 +294,11 @@ class Recovery:
         mark = self.delivered + self.bytes_in_flight
         self.app_limited_until = mark if mark > 0 else 1
 
+    def on_cwnd_limited(self) -> None:
+        """The sender had data but the congestion window was full: what it sends now measures the path."""
+        if self.app_limited_until > self.delivered:
+            self.app_limited_until = 0
+
     def _rate_sample(self, p: SentPacket, acked_bytes: int, now: float) -> None:
         """Delivery-rate sample for one ACK (draft-cheng-iccrg-delivery-rate-estimation): bytes delivered
         between the send of ``p`` (the newest packet acknowledged) and now, over the longer of its send and ack
@@ -314,6 +322,8 @@ class Recovery:
             return
         rate = delta / interval
         self.rs_rate = rate
+        if not p.app_limited:
+            self.bandwidth_measured = True  # the path was loaded: its rate is known, not just a lower bound
         if not p.app_limited or rate >= self.bandwidth:
             window = 10.0 * self.rtt.smoothed_rtt
             if window < BANDWIDTH_WINDOW_MIN:

@@ -161,7 +161,7 @@ class WlbScheduler(Scheduler):
         self.by_id: dict[int, list] = {}
         self.next_maintenance = 0.0
         self.mtu = 1200
-        self.capacity: dict[int, list] = {}  # path_id -> [highest rate seen lately, when]
+        self.capacity: dict[int, list] = {}  # path_id -> [highest measured rate lately, when, True]
         self.spills = 0  # stats
         self.moves = 0
 
@@ -174,6 +174,7 @@ class WlbScheduler(Scheduler):
         chosen = self.usable
         entries = []
         capacity = self.capacity
+        unmeasured = []
         for p in chosen:
             rec = p.recovery
             srtt = rec.rtt.smoothed_rtt
@@ -183,17 +184,29 @@ class WlbScheduler(Scheduler):
             # remembered for CAPACITY_MEMORY: a path back from an outage (its window collapsed, its estimate
             # restarted from a probe) keeps its weight and gets its flows back
             known = capacity.get(p.path_id)
-            if known is None or rate >= known[0] or now - known[1] > CAPACITY_MEMORY:
-                capacity[p.path_id] = [rate, now]
+            if not rec.bandwidth_measured and (known is None or not known[2]):
+                pass  # nothing measured on this link yet: ranked below
+            elif known is None or not known[2] or rate >= known[0] or now - known[1] > CAPACITY_MEMORY:
+                capacity[p.path_id] = [rate, now, True]
             else:
                 rate = known[0]
             if rate < 1000.0:
                 rate = 1000.0
+            if not rec.bandwidth_measured and (known is None or not known[2]):
+                unmeasured.append(len(entries))
             # the path's queue holds at most QUEUE_MAX_DELAY of its rate: beyond, packets are dropped as a
             # router would (the inner TCPs back off) instead of piling up latency
             cap = int(rate * QUEUE_MAX_DELAY / p.mtu)
             cap = min(max(cap, QUEUE_MIN_PACKETS), self.queue_limit)
             entries.append([p, p.dgrams, 1.0 / rate, srtt / 2.0, cap])
+        if unmeasured:
+            # a path that was never loaded has shown only what it was given: rank it as good as the best loaded
+            # one (new flows go there too, which measures it), or, with none loaded, all alike; ties go to the
+            # lower RTT
+            best = min(e[2] for i, e in enumerate(entries) if i not in unmeasured or len(unmeasured) == len(entries))
+            for i in unmeasured:
+                if entries[i][2] > best:
+                    entries[i][2] = best
         self.entries = entries
         self.by_id = {e[0].path_id: e for e in entries}
         if chosen:
@@ -288,7 +301,7 @@ class WlbScheduler(Scheduler):
     def _rebalance(self, now: float) -> None:
         pins = self.pins
         by_id = self.by_id
-        for pid in [pid for pid, (_rate, t) in self.capacity.items()
+        for pid in [pid for pid, (_rate, t, _m) in self.capacity.items()
                     if pid not in self.conn._paths and now - t > CAPACITY_MEMORY]:
             del self.capacity[pid]
         stale = [f for f, pin in pins.items() if now - pin[1] > PIN_IDLE or pin[0] not in by_id]

@@ -345,7 +345,10 @@ class SenderMixin:
         count = 0
         first_pn = space.next_pn
         while datagrams:
-            if rec.bytes_in_flight >= cc.congestion_window or pacer._empty_at > now:
+            if rec.bytes_in_flight >= cc.congestion_window:
+                rec.on_cwnd_limited()
+                break
+            if pacer._empty_at > now:
                 break
             data = datagrams.popleft()
             n = len(data)
