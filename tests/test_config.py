@@ -305,7 +305,7 @@ def test_defaults(pki):
     assert s.subnet == IPv4Network("10.0.0.0/24") and s.subnet6 is None
     assert s.tun_name == "mqvpn0" and s.mtu == 0 and s.max_clients == 64
     assert (s.reconnect, s.reconnect_interval, s.kill_switch, s.manage_routes) == (True, 5, False, True)
-    assert (s.scheduler, s.cc, s.log_level, s.log_format) == ("wlb", "cubic", "info", "text")
+    assert (s.scheduler, s.cc, s.log_level, s.log_format) == ("wlb", "bbr", "info", "text")
     assert s.insecure is False and s.ca is None and s.auth_key is None
     assert s.paths == [] and s.dns == [] and s.users == {}
     assert s.cert is None and s.key is None  # a client has none

@@ -27,9 +27,8 @@ key for INI, the file and key for JSON (no line numbers there), the flag for the
 are never echoed in messages.
 
 Deviations from the reference, on purpose: bad values, unknown keys and unreadable files are errors (the reference
-warns and goes on); inline comments are stripped (the reference keeps them in the value); the default congestion
-controller is ``cubic`` (the reference's ``bbr2`` is accepted and kept for when a BBR controller exists); the
-reference schedulers ``wlb_udp_pin``/``backup_fec`` and CC ``none`` are replaced by ``wlb``/``backup``/``cubic`` with
+warns and goes on); inline comments are stripped (the reference keeps them in the value); ``bbr2`` selects our BBR-style controller
+(the default, ``bbr``); the reference schedulers ``wlb_udp_pin``/``backup_fec`` and CC ``none`` are replaced by ``wlb``/``backup``/``cubic`` with
 a warning; the TCP control API (``--control-port``, ``--control-addr``, ``[Control] Listen``) is accepted but not
 supported (a warning says to use the control socket).
 """
@@ -490,10 +489,10 @@ OPTIONS: tuple[Option, ...] = (
            section="Multipath", ini_key="Scheduler", json_key="scheduler",
            parse=_choice_parser(("wlb", "minrtt", "backup")), default="wlb", metavar="wlb|minrtt|backup",
            substitutes={"wlb_udp_pin": "wlb", "backup_fec": "backup"}),
-    Option("cc", VALUE, "congestion controller (bbr2 and bbr are accepted for compatibility with the reference, "
-           "whose default is bbr2)", flags=("--cc",), section="Multipath", ini_key="CC", json_key="cc",
-           parse=_choice_parser(("cubic", "newreno", "bbr2", "bbr")), default="cubic",
-           metavar="cubic|newreno|bbr2|bbr", substitutes={"none": "cubic"}),
+    Option("cc", VALUE, "congestion controller per path: bbr (model-based, paced; bbr2 is the same, the "
+           "reference's name), cubic or newreno", flags=("--cc",), section="Multipath", ini_key="CC", json_key="cc",
+           parse=_choice_parser(("bbr", "bbr2", "cubic", "newreno")), default="bbr",
+           metavar="bbr|bbr2|cubic|newreno", substitutes={"none": "cubic"}),
     Option("init_max_path_id", VALUE, "initial maximum path ID offered to the peer (0 = the implementation's "
            "default)", flags=("--init-max-path-id",), section="Multipath", ini_key="InitMaxPathId",
            json_key="init_max_path_id", parse=_int_parser(0, 2**32 - 1), default=0, metavar="N"),
@@ -558,7 +557,7 @@ class Settings:
     nat: bool = True
     manage_routes: bool = True
     scheduler: str = "wlb"  # 'wlb' | 'minrtt' | 'backup'
-    cc: str = "cubic"  # 'cubic' | 'newreno' | 'bbr2' | 'bbr'
+    cc: str = "bbr"  # 'bbr' | 'bbr2' | 'cubic' | 'newreno'
     init_max_path_id: int = 0
     mtu: int = 0  # 0 = automatic
     max_clients: int = 64
