@@ -8,7 +8,7 @@ import pytest
 
 from mqvpn.quic.path import Path, PathState
 from mqvpn.quic.recovery import Recovery, SentPacket
-from mqvpn.quic.scheduler import QUEUE_MAX_DELAY, REBALANCE_INTERVAL, create
+from mqvpn.quic.scheduler import BULK_PACKETS, QUEUE_MAX_DELAY, REBALANCE_INTERVAL, create
 
 
 class FakeConn:
@@ -50,6 +50,16 @@ class FakeConn:
 
 def tcp(i):
     return 0x1000 + i
+
+
+def busy(c, flows, n=BULK_PACKETS):
+    """Each flow sends ``n`` packets (from BULK_PACKETS on a flow counts as load); queues are emptied after, as
+    the paths would send them."""
+    for _ in range(n):
+        for f in flows:
+            c.sched.enqueue(b"x", tcp(f))
+    for p in c._paths.values():
+        p.dgrams.clear()
 
 
 def test_usable_paths_lowest_rtt_first_and_the_rules():
@@ -181,16 +191,14 @@ def test_wlb_returning_path_is_used_again_within_seconds_without_a_reshuffle():
     a, b = c._paths[0], c._paths[1]
     a.dead_since = 0.0
     c.refresh()
-    for f in range(16):
-        c.sched.enqueue(b"x", tcp(f))
+    busy(c, range(16))
     assert all(c.where(tcp(f)) == 1 for f in range(16))
     a.dead_since = None  # A answers again
     moved = []
     for second in range(1, 11):
         for _ in range(10):
             c.refresh(REBALANCE_INTERVAL / 10)
-            for f in range(16):
-                c.sched.enqueue(b"x", tcp(f))
+            busy(c, range(16), 8)
         moved.append(sum(1 for f in range(16) if c.where(tcp(f)) == 0))
     assert moved[1] >= 1  # A carries a flow within a maintenance round or two
     assert all(m2 - m1 <= 2 for m1, m2 in zip([0] + moved, moved))  # a few flows per second, not all at once
@@ -202,12 +210,12 @@ def test_wlb_single_flow_returns_to_the_faster_path():
     a = c._paths[0]
     a.dead_since = 0.0
     c.refresh()
-    c.sched.enqueue(b"x", tcp(0))
+    busy(c, [0])
     assert c.where(tcp(0)) == 1
     a.dead_since = None
     for _ in range(int(1.5 * 10)):
         c.refresh(REBALANCE_INTERVAL / 10)
-        c.sched.enqueue(b"x", tcp(0))
+        busy(c, [0], 8)
     assert c.where(tcp(0)) == 0
 
 
@@ -246,21 +254,19 @@ def test_wlb_explores_an_unmeasured_path_with_one_flow():
     flows as paths, maintenance gives it one, so its capacity gets measured."""
     c = FakeConn("wlb", [(300, 0.02), (0.5, 0.06)])  # B measured at almost nothing
     c.refresh()
-    for f in range(4):
-        c.sched.enqueue(b"x", tcp(f))
+    busy(c, range(4))
     assert all(c.where(tcp(f)) == 0 for f in range(4))
     for _ in range(12):
         c.refresh(REBALANCE_INTERVAL / 10)
-        for f in range(4):
-            c.sched.enqueue(b"x", tcp(f))
+        busy(c, range(4), 8)
     assert sum(c.where(tcp(f)) == 1 for f in range(4)) == 1
     # one flow alone stays on the fast path
     single = FakeConn("wlb", [(300, 0.02), (0.5, 0.06)])
     single.refresh()
-    single.sched.enqueue(b"x", tcp(0))
+    busy(single, [0])
     for _ in range(30):
         single.refresh(REBALANCE_INTERVAL / 10)
-        single.sched.enqueue(b"x", tcp(0))
+        busy(single, [0], 8)
     assert single.where(tcp(0)) == 0
 
 
@@ -276,11 +282,11 @@ def test_a_path_still_searching_its_mtu_waits():
 def test_a_reopened_link_inherits_its_capacity():
     c = FakeConn("wlb", [(300, 0.02), (80, 0.06)])
     c.refresh()
-    c.sched.enqueue(b"x", tcp(0))
+    busy(c, [0])
     assert c.where(tcp(0)) == 0
     del c._paths[0]  # link A lost: path 0 abandoned and forgotten; the flow moves to B
     c.refresh(0.5)
-    c.sched.enqueue(b"x", tcp(0))
+    busy(c, [0], 8)
     assert c.where(tcp(0)) == 1
     a2 = c.add_path(2, 0.01, 0.02)  # A back as path 2: nothing measured yet
     a2.recovery.bandwidth = 0.0
@@ -288,7 +294,7 @@ def test_a_reopened_link_inherits_its_capacity():
     c.sched.inherit(0, 2)
     for _ in range(15):
         c.refresh(REBALANCE_INTERVAL / 10)
-        c.sched.enqueue(b"x", tcp(0))
+        busy(c, [0], 8)
     assert c.where(tcp(0)) == 2  # the flow returns to the faster link
 
 
@@ -306,7 +312,23 @@ def test_wlb_unloaded_paths_rank_as_the_best_and_ties_go_to_the_lower_rtt():
     # A measured at 100 Mbit/s, B never loaded: B counts as 100 too, so new flows also go there and measure it
     a = c._paths[0].recovery
     a.bandwidth, a.bandwidth_measured = 100e6 / 8, True
+    busy(c, [0])
     c.refresh(0.1)
     for f in range(1, 8):
         c.sched.enqueue(b"x", tcp(f))
     assert sum(c.where(tcp(f)) == 1 for f in range(8)) >= 3
+
+
+def test_wlb_a_quiet_older_flow_does_not_push_a_new_bulk_flow_off_the_fast_path():
+    """iperf3, ssh and the like open a control connection first: it must not count as load, else the bulk
+    transfer that follows lands on the slow path. Flows starting together (within 50 ms) do spread."""
+    c = FakeConn("wlb", [(100, 0.02), (40, 0.06)])
+    c.refresh()
+    busy(c, [0], 5)  # control connection: a few packets
+    c.refresh(0.2)
+    busy(c, [1])  # the bulk flow, 200 ms later
+    assert c.where(tcp(0)) == 0 and c.where(tcp(1)) == 0
+    c.refresh(0.2)
+    for f in range(10, 17):  # seven flows at once: 5 on A, 2 on B (100:40)
+        c.sched.enqueue(b"x", tcp(f))
+    assert sum(c.where(tcp(f)) == 1 for f in range(10, 17)) == 2

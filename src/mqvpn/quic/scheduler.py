@@ -41,6 +41,7 @@ paths for the others.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING
 
 from mqvpn.quic.path import PathState
@@ -52,6 +53,9 @@ SCHEDULERS = ("wlb", "minrtt", "backup")
 
 QUEUE_MAX_DELAY = 0.1  # seconds of a path's rate its queue holds at most (wlb)
 QUEUE_MIN_PACKETS = 256
+BULK_PACKETS = 64  # a flow counts as load (placement, balancing) from its 64th packet: handshakes and control
+# connections (iperf3's, ssh) do not push the next bulk flow off the best path
+YOUNG_FLOW = 0.05  # seconds a new flow counts as load before it is busy
 MOVE_GAIN = 1.2  # a pin moves only when the flow's share of capacity grows by this factor
 REBALANCE_INTERVAL = 1.0  # seconds between pin maintenance rounds
 PIN_IDLE = 30.0  # seconds without a packet after which a flow's pin is forgotten
@@ -154,8 +158,11 @@ class WlbScheduler(Scheduler):
 
     def __init__(self, conn, queue_limit: int) -> None:
         super().__init__(conn, queue_limit)
-        self.pins: dict[int, list] = {}  # flow hash -> [path_id, last packet time, packets this round]
-        self.flows: dict[int, int] = {}  # path_id -> pinned flows (as of the last maintenance + new pins)
+        # flow hash -> [path_id, last packet time, packets this round, packets in all]
+        self.pins: dict[int, list] = {}
+        # path_id -> busy pinned flows (BULK_PACKETS and more; as of the last maintenance + those since)
+        self.flows: dict[int, int] = {}
+        self.young: deque[tuple[float, int]] = deque()  # (time, path_id) of flows pinned lately
         # per usable path: [path, queue, seconds per byte, one-way delay, queue cap (packets)]
         self.entries: list[list] = []
         self.by_id: dict[int, list] = {}
@@ -228,6 +235,9 @@ class WlbScheduler(Scheduler):
             else:
                 pin[1] = self.conn._now
                 pin[2] += 1
+                pin[3] += 1
+                if pin[3] == BULK_PACKETS:  # from now on it counts as load on its path
+                    self.flows[pin[0]] = self.flows.get(pin[0], 0) + 1
             q = e[1]
             if len(q) >= e[4]:
                 # its path's queue is full: rather than drop, the packet spills to where it arrives first
@@ -266,13 +276,23 @@ class WlbScheduler(Scheduler):
 
     def _best_for_new_flow(self, exclude: int | None = None) -> list:
         flows = self.flows
+        # flows pinned in the last YOUNG_FLOW seconds count as load already (flows starting together spread);
+        # older ones only once they are busy (BULK_PACKETS)
+        young = self.young
+        now = self.conn._now
+        while young and now - young[0][0] > YOUNG_FLOW:
+            young.popleft()
         best = None
         best_score = 0.0
         for e in self.entries:
             pid = e[0].path_id
             if pid == exclude:
                 continue
-            score = (flows.get(pid, 0) + 1) * e[2]  # (flows + 1) / rate
+            n = flows.get(pid, 0)
+            for _t, ypid in young:
+                if ypid == pid:
+                    n += 1
+            score = (n + 1) * e[2]  # (flows + 1) / rate
             if best is None or score < best_score:
                 best, best_score = e, score
         return best
@@ -281,15 +301,18 @@ class WlbScheduler(Scheduler):
         e = self._best_for_new_flow()
         pid = e[0].path_id
         if pin is None:
-            self.pins[flow] = [pid, self.conn._now, 1]
+            self.pins[flow] = [pid, self.conn._now, 1, 1]
+            if len(self.young) < 256:
+                self.young.append((self.conn._now, pid))
         else:  # its path went away: move it
-            old = pin[0]
-            if self.flows.get(old, 0) > 0:
-                self.flows[old] -= 1
+            if pin[3] >= BULK_PACKETS:
+                old = pin[0]
+                if self.flows.get(old, 0) > 0:
+                    self.flows[old] -= 1
+                self.flows[pid] = self.flows.get(pid, 0) + 1
             pin[0] = pid
             pin[1] = self.conn._now
             pin[2] += 1
-        self.flows[pid] = self.flows.get(pid, 0) + 1
         return e
 
     # -- about once a second ----------------------------------------------------------------------------------
@@ -312,7 +335,7 @@ class WlbScheduler(Scheduler):
                 del pins[f]
         active: dict[int, list[int]] = {pid: [] for pid in by_id}
         for f, pin in pins.items():
-            if now - pin[1] <= FLOW_ACTIVE:
+            if now - pin[1] <= FLOW_ACTIVE and pin[3] >= BULK_PACKETS:
                 active[pin[0]].append(f)
         self.flows = {pid: len(fs) for pid, fs in active.items()}
         if len(by_id) < 2:
