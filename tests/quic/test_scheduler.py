@@ -332,3 +332,18 @@ def test_wlb_a_quiet_older_flow_does_not_push_a_new_bulk_flow_off_the_fast_path(
     for f in range(10, 17):  # seven flows at once: 5 on A, 2 on B (100:40)
         c.sched.enqueue(b"x", tcp(f))
     assert sum(c.where(tcp(f)) == 1 for f in range(10, 17)) == 2
+
+
+def test_wlb_a_finished_flow_stops_counting_at_its_fin():
+    """A transfer that ended must not push the next one off the fast path while its pin is still fresh."""
+    c = FakeConn("wlb", [(100, 0.02), (80, 0.06)])
+    c.refresh()
+    busy(c, [0])
+    c.refresh(1.1)  # a maintenance round: flow 0 counts as load on A
+    assert c.sched.flows[0] == 1
+    c.sched.enqueue(b"fin", -tcp(0))  # its FIN: still sent on A, no longer load
+    assert c.where(tcp(0)) == 0 and c.sched.flows[0] == 0
+    busy(c, [0], 3)  # the last ACKs do not make it busy again
+    assert c.sched.flows[0] == 0
+    busy(c, [1])  # the next transfer, 100 ms later
+    assert c.where(tcp(1)) == 0

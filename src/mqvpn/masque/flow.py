@@ -2,12 +2,15 @@
 
 Only TCP is pinned (its congestion control and loss detection suffer from reordering); anything else, fragments
 and malformed packets get 0 ("no flow": the scheduler may send each packet on any path). The hash is Python's
-``hash`` of the key bytes: fast, and stable for the life of the process, which is all a pin needs.
+``hash`` of the key bytes (made positive): fast, and stable for the life of the process, which is all a pin
+needs. A segment with FIN or RST gets the negated key: the flow is ending and no longer counts as load.
 """
 
 from __future__ import annotations
 
 TCP = 6
+FIN_RST = 0x05
+POSITIVE = (1 << 63) - 1
 
 
 def flow_hash(packet: bytes | bytearray | memoryview) -> int:
@@ -28,13 +31,18 @@ def flow_hash(packet: bytes | bytearray | memoryview) -> int:
             if header < 20 or n < header + 4:
                 return 0
             key = bytes(packet[12:20]) + bytes(packet[header:header + 4])
+        flags = header + 13
     elif version == 6:
         if n < 44 or packet[6] != TCP:
             return 0  # extension headers are not walked: such packets are not pinned
         key = bytes(packet[8:44])
+        flags = 53
     else:
         return 0
-    return hash(key) or 1
+    h = (hash(key) & POSITIVE) or 1
+    if n > flags and packet[flags] & FIN_RST:
+        return -h
+    return h
 
 
 __all__ = ["flow_hash"]

@@ -351,7 +351,8 @@ class QuicConnection(FrameHandlersMixin, SenderMixin, TlsMixin, CidMixin):
         """Queue a DATAGRAM frame. Returns False (and counts it) when it is dropped: too large or queue full.
 
         ``flow``: with several paths, DATAGRAMs of the same non-zero flow (e.g. a hash of an inner TCP 5-tuple)
-        stay on one path when the scheduler can (``wlb``); 0: no flow, any path."""
+        stay on one path when the scheduler can (``wlb``); 0: no flow, any path; negative: the flow ``-flow`` is
+        ending (its FIN or RST) and no longer counts as load."""
         if len(data) > self._datagram_room or not self._scheduler.enqueue(data, flow):
             self.datagrams_dropped += 1
             return False

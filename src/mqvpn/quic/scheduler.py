@@ -228,6 +228,9 @@ class WlbScheduler(Scheduler):
         if not entries:
             return super().enqueue(data, flow)
         if flow:
+            if flow < 0:  # the flow's FIN or RST: it still goes its way, but no longer counts as load
+                flow = -flow
+                self._ending(flow)
             pin = self.pins.get(flow)
             e = self.by_id.get(pin[0]) if pin is not None else None
             if e is None:
@@ -296,6 +299,13 @@ class WlbScheduler(Scheduler):
             if best is None or score < best_score:
                 best, best_score = e, score
         return best
+
+    def _ending(self, flow: int) -> None:
+        pin = self.pins.get(flow)
+        if pin is not None and pin[3] >= 0:
+            if pin[3] >= BULK_PACKETS and self.flows.get(pin[0], 0) > 0:
+                self.flows[pin[0]] -= 1
+            pin[3] = -(1 << 62)  # never counts as busy again
 
     def _pin(self, flow: int, pin: list | None) -> list:
         e = self._best_for_new_flow()
