@@ -127,5 +127,8 @@ def test_a_path_counts_as_application_limited_until_its_window_is_first_full():
     r, s = make()
     pn, t = run_steady(r, s, rate=50_000.0, rtt=0.05, seconds=0.3, app_limited=None)
     assert r.rs_app_limited and not r.bandwidth_measured
+    # the sender's "nothing to send" reports (keep-alives on an idle path) do not end that early
+    pn, t = run_steady(r, s, rate=50_000.0, rtt=0.05, seconds=0.3, start=t, pn0=pn, app_limited=True)
+    assert r.rs_app_limited and not r.bandwidth_measured
     run_steady(r, s, rate=1_000_000.0, rtt=0.05, seconds=0.5, start=t, pn0=pn)
     assert not r.rs_app_limited and r.bandwidth_measured

@@ -321,12 +321,12 @@ def test_wlb_unloaded_paths_rank_as_the_best_and_ties_go_to_the_lower_rtt():
 
 def test_wlb_a_quiet_older_flow_does_not_push_a_new_bulk_flow_off_the_fast_path():
     """iperf3, ssh and the like open a control connection first: it must not count as load, else the bulk
-    transfer that follows lands on the slow path. Flows starting together (within 50 ms) do spread."""
+    transfer that follows lands on the slow path. Flows starting together (within 20 ms) do spread."""
     c = FakeConn("wlb", [(100, 0.02), (40, 0.06)])
     c.refresh()
     busy(c, [0], 5)  # control connection: a few packets
-    c.refresh(0.2)
-    busy(c, [1])  # the bulk flow, 200 ms later
+    c.refresh(0.03)
+    busy(c, [1])  # the bulk flow, 30 ms (a couple of round trips) later
     assert c.where(tcp(0)) == 0 and c.where(tcp(1)) == 0
     c.refresh(0.2)
     for f in range(10, 17):  # seven flows at once: 5 on A, 2 on B (100:40)

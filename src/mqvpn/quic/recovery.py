@@ -292,7 +292,10 @@ class Recovery:
         """The sender had window room but nothing to send: rate samples of the packets in flight (and of those
         sent until they are acknowledged) underestimate the path and are marked application-limited."""
         mark = self.delivered + self.bytes_in_flight
-        self.app_limited_until = mark if mark > 0 else 1
+        if mark <= 0:
+            mark = 1
+        if mark > self.app_limited_until:  # never shortens a mark (a fresh path's lasts until its window fills)
+            self.app_limited_until = mark
 
     def on_cwnd_limited(self) -> None:
         """The sender had data but the congestion window was full: what it sends now measures the path."""

@@ -32,8 +32,8 @@ order of their smoothed RTT, and one per path (``path.dgrams``), drained by that
   rather than losing it. Other packets (``flow == 0``) take the path where they would arrive first (queue wait +
   one-way delay): a ping stays on the fast path, bulk UDP spreads over all of them.
 
-Capacity (``rate``) is the path's measured delivery rate (``Recovery.bandwidth``, a windowed maximum) or what its
-congestion window allows (cwnd / SRTT), whichever is higher, and not below the highest rate seen in the last 10 s
+Capacity (``rate``) is the path's measured delivery rate (``Recovery.bandwidth``, a windowed maximum; before the
+path was ever loaded, what its congestion window allows, cwnd / SRTT, if higher), and not below the highest rate seen in the last 10 s
 (a path back from an outage starts with a collapsed window); one-way delay is SRTT / 2. Queued bytes are estimated
 as packets x path MTU: enqueueing costs a dict lookup and a comparison for a pinned flow, a short loop over the
 paths for the others.
@@ -55,7 +55,8 @@ QUEUE_MAX_DELAY = 0.1  # seconds of a path's rate its queue holds at most (wlb)
 QUEUE_MIN_PACKETS = 256
 BULK_PACKETS = 64  # a flow counts as load (placement, balancing) from its 64th packet: handshakes and control
 # connections (iperf3's, ssh) do not push the next bulk flow off the best path
-YOUNG_FLOW = 0.05  # seconds a new flow counts as load before it is busy
+YOUNG_FLOW = 0.02  # seconds a new flow counts as load before it is busy (flows opened together: -P 16; not a
+# control connection opened a few round trips before its data connection)
 MOVE_GAIN = 1.2  # a pin moves only when the flow's share of capacity grows by this factor
 REBALANCE_INTERVAL = 1.0  # seconds between pin maintenance rounds
 PIN_IDLE = 30.0  # seconds without a packet after which a flow's pin is forgotten
@@ -185,9 +186,12 @@ class WlbScheduler(Scheduler):
         for p in chosen:
             rec = p.recovery
             srtt = rec.rtt.smoothed_rtt
-            rate = rec.cc.congestion_window / srtt if srtt > 0 else 0.0
-            if rec.bandwidth > rate:
-                rate = rec.bandwidth
+            if rec.bandwidth_measured:
+                rate = rec.bandwidth  # a window says what may be in flight, not what arrives (BBR keeps 2 BDP)
+            else:
+                rate = rec.cc.congestion_window / srtt if srtt > 0 else 0.0
+                if rec.bandwidth > rate:
+                    rate = rec.bandwidth
             # remembered for CAPACITY_MEMORY: a path back from an outage (its window collapsed, its estimate
             # restarted from a probe) keeps its weight and gets its flows back
             known = capacity.get(p.path_id)
