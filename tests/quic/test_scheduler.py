@@ -188,7 +188,7 @@ def test_wlb_pins_move_off_a_path_that_stops_being_usable_and_its_queue_too():
 
 def test_wlb_returning_path_is_used_again_within_seconds_without_a_reshuffle():
     c = FakeConn("wlb", [(300, 0.02), (80, 0.06)])
-    a, b = c._paths[0], c._paths[1]
+    a = c._paths[0]
     a.dead_since = 0.0
     c.refresh()
     busy(c, range(16))
