@@ -10,7 +10,7 @@ sending (``datagrams_to_send``), never per packet:
 * paths marked backup (PATH_STATUS_BACKUP, by either side) only when no available path is usable;
 * when no path qualifies, the ACTIVE paths with the fewest PTOs (a single-path connection keeps sending).
 
-Usable paths, lowest smoothed RTT first, carry control frames and stream data (the connection sends on them in
+Usable paths, lowest RTT first (minimum RTT once sampled), carry control frames and stream data (the connection sends on them in
 that order).
 
 DATAGRAMs wait in queues: one shared by the connection (``conn._datagrams``), drained by the usable paths in
@@ -396,7 +396,10 @@ class WlbScheduler(Scheduler):
 
 
 def _srtt(p: Path) -> float:
-    return p.recovery.rtt.smoothed_rtt
+    """The order of paths (and of ties between them): minimum RTT once sampled. The smoothed RTT of a path that
+    carries little (ACKs, keep-alives) is mostly ACK delay and old samples; its minimum is what the path is."""
+    rtt = p.recovery.rtt
+    return rtt.min_rtt if rtt.has_sample and rtt.min_rtt > 0 else rtt.smoothed_rtt
 
 
 def create(name: str, conn, queue_limit: int) -> Scheduler:
