@@ -474,12 +474,7 @@ class SenderMixin:
             path.ping_due = False
             pkt.ack_eliciting = pkt.in_flight = True
         if not usable:
-            if path.challenge is not None and path.challenge_sent_at is None and room() >= 9:
-                buf.push_uint_var(F.FrameType.PATH_CHALLENGE)
-                buf.push_bytes(path.challenge)
-                path.challenge_sent_at = now
-                path.challenge_tries += 1
-                pkt.pad_to = MIN_UDP_PAYLOAD
+            if self._write_path_challenge(pkt, path, now):
                 pkt.ack_eliciting = pkt.in_flight = True
             return
         if self._max_path_id_pending and room() >= 9:
@@ -547,12 +542,7 @@ class SenderMixin:
             buf.push_uint_var(seq)
             handlers.append((self._on_retire_delivered, (seq,)))
             wrote = True
-        if path.challenge is not None and path.challenge_sent_at is None and room() >= 9:
-            buf.push_uint_var(F.FrameType.PATH_CHALLENGE)
-            buf.push_bytes(path.challenge)
-            path.challenge_sent_at = now
-            path.challenge_tries += 1
-            pkt.pad_to = MIN_UDP_PAYLOAD
+        if self._write_path_challenge(pkt, path, now):
             wrote = True
         while self._ping_pending and room() >= 1:
             uid = self._ping_pending.pop(0)
@@ -561,6 +551,18 @@ class SenderMixin:
             wrote = True
         if wrote:
             pkt.ack_eliciting = pkt.in_flight = True
+
+    def _write_path_challenge(self, pkt: _Packet, path: Path, now: float) -> bool:
+        """The path's PATH_CHALLENGE, if one is due and fits (the datagram is then padded to 1200 bytes)."""
+        buf = pkt.buf
+        if path.challenge is None or path.challenge_sent_at is not None or buf.capacity - buf.tell() < 9:
+            return False
+        buf.push_uint_var(F.FrameType.PATH_CHALLENGE)
+        buf.push_bytes(path.challenge)
+        path.challenge_sent_at = now
+        path.challenge_tries += 1
+        pkt.pad_to = MIN_UDP_PAYLOAD
+        return True
 
     def _write_datagrams(self, pkt: _Packet, datagrams) -> None:
         buf = pkt.buf

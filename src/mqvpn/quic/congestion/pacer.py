@@ -37,22 +37,9 @@ class Pacer:
     def update(self, congestion_window: int, smoothed_rtt: float) -> None:
         """Recompute the rate; called by ``Recovery`` after each ACK / congestion event once RTT is sampled."""
         if smoothed_rtt <= 0.0 or congestion_window <= 0:
-            self.rate = float("inf")
-            self._inv_rate = 0.0
-            self._burst_time = 0.0
-            return
-        mss = self.max_datagram_size
-        rate = PACING_GAIN * congestion_window / smoothed_rtt
-        burst = congestion_window // 2
-        if burst < MIN_BURST_PACKETS * mss:
-            burst = MIN_BURST_PACKETS * mss
-        elif burst > MAX_BURST_PACKETS * mss:
-            burst = MAX_BURST_PACKETS * mss
-        inv = 1.0 / rate
-        self.rate = rate
-        self.burst = burst
-        self._inv_rate = inv
-        self._burst_time = (burst - mss) * inv + _SLACK
+            self.set_rate(float("inf"))
+        else:
+            self.set_rate(PACING_GAIN * congestion_window / smoothed_rtt, congestion_window // 2)
 
     def set_rate(self, rate: float, burst_bytes: int = 0) -> None:
         """Pace at ``rate`` bytes/s chosen by the congestion controller, letting ``burst_bytes`` leave back to back
